@@ -1,0 +1,247 @@
+"""One strict loader: checkpoint + config -> `LatentDiffusion` on the target device and dtype.
+
+Unwrap the file, pick EMA weights if asked, drop an explicit allow-list of harmless keys, then refuse anything
+missing, unexpected or mis-shaped with a message a user can act on. Parameters are never randomly initialised: the
+model is built with its parameters on the meta device and the checkpoint's tensors are assigned in their place.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ldm.checkpoints import CheckpointError, read_checkpoint, read_shapes
+from ldm.util import instantiate_from_config
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
+CONFIGS = {"v1": "v1-inference.yaml", "v2": "v2-inference.yaml", "v2-v": "v2-inference-v.yaml"}
+ADVICE = {
+    "v1": "this is an SD 1.x checkpoint: use configs/stable-diffusion/v1-inference.yaml",
+    "v2": "this is an SD 2.x checkpoint: use configs/stable-diffusion/v2-inference.yaml "
+          "(v2-inference-v.yaml for the 768 v-prediction models)",
+}
+UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+EMA = "model_ema."
+# Keys that released checkpoints carry and that inference does not use.
+HARMLESS_KEYS = re.compile(
+    r"^(cond_stage_model\.transformer\.text_model\.embeddings\.position_ids"  # older transformers' buffer
+    r"|model_ema\..*"  # EMA shadow weights when EMA is not asked for
+    r"|first_stage_model\.loss\..*|loss\..*"  # the autoencoder's training loss (LPIPS, discriminator)
+    r"|logvar|lvlb_weights|cond_ids)$")
+# Schedule buffers: loaded when present (as CompVis does), computed from the config when absent.
+SCHEDULE_KEYS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"})
+
+
+class LoadError(Exception):
+    """A checkpoint/config problem a user can fix; the message is one line that says how."""
+
+
+def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """"v1", "v2", or a LoadError for checkpoints this package cannot run (SDXL, inpainting, non-SD files)."""
+    if any(key.startswith("conditioner.embedders.") for key in shapes):
+        raise LoadError("this is an SDXL checkpoint: SDXL is not supported yet (SD 1.x and 2.x are)")
+    if not any(key.startswith(UNET) for key in shapes):
+        if any(key.startswith(("encoder.", "decoder.", VAE)) for key in shapes):
+            raise LoadError("this file holds only an autoencoder (VAE): pass it with --vae next to a full checkpoint")
+        if any("lora" in key for key in shapes):
+            raise LoadError("this file is a LoRA, not a full Stable Diffusion checkpoint")
+        raise LoadError("this file is not a Stable Diffusion checkpoint (it has no model.diffusion_model.* weights)")
+    first_conv = shapes.get(UNET + "input_blocks.0.0.weight")
+    if first_conv is not None and first_conv[1] != 4:
+        raise LoadError(f"this UNet takes {first_conv[1]} input channels (an inpainting or depth model): "
+                        "txt2img needs a 4-channel text-to-image checkpoint")
+    if any(key.startswith(TEXT + "model.") for key in shapes):
+        return "v2"
+    if any(key.startswith(TEXT + "transformer.") for key in shapes):
+        return "v1"
+    raise LoadError("cannot tell the model family: the checkpoint has no text encoder weights (cond_stage_model.*)")
+
+
+def looks_like_v_prediction(ckpt_path: str | os.PathLike) -> bool:
+    """SD 2.x 768 models predict v; the released files say "768" in their names (768-v-ema, v2-1_768-ema-pruned)."""
+    return "768" in Path(ckpt_path).name
+
+
+def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = None,
+                   v_prediction: bool | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Path:
+    """The config to use: the given one, or the released config that fits the checkpoint's keys."""
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise LoadError(f"config {config} does not exist (released configs are in {CONFIG_DIR})")
+        return path
+    try:
+        family = detect_family(shapes if shapes is not None else read_shapes(ckpt))
+    except CheckpointError as error:
+        raise LoadError(str(error)) from None
+    if family == "v2" and (v_prediction if v_prediction is not None else looks_like_v_prediction(ckpt)):
+        family = "v2-v"
+    path = CONFIG_DIR / CONFIGS[family]
+    if not path.is_file():
+        raise LoadError(f"the released config {path} is missing: pass --config")
+    return path
+
+
+def load_config(path: str | os.PathLike) -> Any:
+    from omegaconf import OmegaConf
+    try:
+        config = OmegaConf.load(str(path))
+    except Exception as error:  # yaml and omegaconf raise many types; all mean the same to the user
+        raise LoadError(f"cannot read config {path}: {str(error).splitlines()[0]}") from None
+    if "model" not in config or "target" not in config.model:
+        raise LoadError(f"config {path} has no model.target: expected a latent diffusion yaml like {CONFIGS['v1']}")
+    return config
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with parameters on the meta device (no allocation, no random init); buffers stay real."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def select_ema(state_dict: dict[str, torch.Tensor], use_ema: bool) -> dict[str, torch.Tensor]:
+    """With `use_ema`, replace the UNet weights by their `model_ema.*` copies (LitEma names: dots removed)."""
+    if not use_ema:
+        return state_dict
+    ema = {key[len(EMA):]: value for key, value in state_dict.items() if key.startswith(EMA)}
+    if not any(key.startswith("diffusion_model") for key in ema):
+        raise LoadError("EMA weights were asked for but this checkpoint has none (it may already be an EMA-only "
+                        "file): load it without --ema / use_ema")
+    selected = dict(state_dict)
+    for key in state_dict:
+        if key.startswith("model."):
+            shadow = key[len("model."):].replace(".", "")
+            if shadow not in ema:
+                raise LoadError(f"the checkpoint's EMA weights lack {key}: load it without --ema / use_ema")
+            selected[key] = ema[shadow]
+    return selected
+
+
+def merge_vae(state_dict: dict[str, torch.Tensor], vae_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Replace the autoencoder weights with those of a separate VAE file (CompVis key layout, prefixed or not)."""
+    try:
+        vae, _ = read_checkpoint(vae_path)
+    except CheckpointError as error:
+        raise LoadError(f"--vae: {error}") from None
+    vae = {(key if key.startswith(VAE) else VAE + key): value for key, value in vae.items()
+           if not key.startswith(("loss.", "model_ema.", "first_stage_model.loss."))}
+    if not any(key.startswith(VAE + "decoder.") for key in vae):
+        hint = " (diffusers-format VAEs are not supported)" if any("up_blocks" in k for k in vae) else ""
+        raise LoadError(f"--vae {vae_path} holds no autoencoder weights (decoder.*){hint}")
+    merged = {key: value for key, value in state_dict.items() if not key.startswith(VAE)}
+    merged.update(vae)
+    return merged
+
+
+def _examples(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], config_name: str) -> dict[str, torch.Tensor]:
+    """The state dict to assign, after the allow-list; a LoadError naming the differences otherwise."""
+    expected = model.state_dict()
+    kept = {key: value for key, value in state_dict.items() if not HARMLESS_KEYS.match(key) or key in expected}
+    missing = sorted(key for key in expected if key not in kept and key not in SCHEDULE_KEYS)
+    unexpected = sorted(key for key in kept if key not in expected)
+    mis_shaped = sorted(key for key in kept if key in expected and kept[key].shape != expected[key].shape)
+    if not (missing or unexpected or mis_shaped):
+        return kept
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_examples(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_examples(unexpected)})")
+    if mis_shaped:
+        shown = [f"{key} {list(kept[key].shape)} vs {list(expected[key].shape)}" for key in mis_shaped[:2]]
+        problems.append(f"{len(mis_shaped)} of another shape ({'; '.join(shown)})")
+    advice = "check that --config matches the checkpoint"
+    try:
+        family = detect_family({key: tuple(value.shape) for key, value in state_dict.items()})
+        advice = ADVICE.get(family, advice)
+    except LoadError as error:
+        advice = str(error)
+    raise LoadError(f"the checkpoint does not fit {config_name}: " + ", ".join(problems) + f"; {advice}")
+
+
+def assign_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], device: torch.device,
+                   dtype: torch.dtype) -> None:
+    """Put the checkpoint's tensors in place of the meta parameters, converted straight to device and dtype."""
+    expected = model.state_dict()
+    converted = {}
+    for key, reference in expected.items():
+        value = state_dict.get(key, reference)
+        if key in SCHEDULE_KEYS:  # float32 whatever the weights' precision: samplers do their algebra in them
+            target_dtype = torch.float32
+        else:
+            target_dtype = dtype if value.is_floating_point() else value.dtype
+        converted[key] = value.to(device=device, dtype=target_dtype)
+    model.load_state_dict(converted, strict=True, assign=True)
+    model.to(device)  # buffers that are not in the state dict (masks, caches)
+    leftovers = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if leftovers:
+        raise RuntimeError(f"internal error: parameters left unloaded: {_examples(leftovers)}")
+
+
+def load_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None = None, *,
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, use_ema: bool | None = None,
+               v_prediction: bool | None = None, vae: str | os.PathLike | None = None,
+               timings: dict[str, float] | None = None) -> nn.Module:
+    """Read `ckpt`, build the model its config describes, load strictly, and return it in eval mode on `device`.
+
+    `use_ema`: take the `model_ema.*` weights (default: the config's `use_ema`). `v_prediction`: for a v2 checkpoint
+    without `config`, choose the v-prediction config (default: by the file name, "768" means v). `vae`: a separate
+    autoencoder file whose weights replace the checkpoint's. `timings` receives "read", "build" and "move" seconds.
+    `config` may also be a config already loaded with OmegaConf (as the CompVis scripts hold it).
+    """
+    device = torch.device(device)
+    start = time.perf_counter()
+    try:
+        state_dict, _ = read_checkpoint(ckpt)
+    except CheckpointError as error:
+        raise LoadError(str(error)) from None
+    if isinstance(config, Mapping) or hasattr(config, "keys"):
+        config_name, model_config = "the given config", config["model"]
+    else:
+        config_path = resolve_config(ckpt, config, v_prediction,
+                                     shapes={key: tuple(value.shape) for key, value in state_dict.items()})
+        config_name, model_config = f"config {config_path.name}", load_config(config_path).model
+    want_ema = bool(model_config.get("params", {}).get("use_ema", False)) if use_ema is None else use_ema
+    state_dict = select_ema(state_dict, want_ema)
+    if vae is not None:
+        state_dict = merge_vae(state_dict, vae)
+    read_done = time.perf_counter()
+    with parameters_on_meta():
+        model = instantiate_from_config(model_config)
+    build_done = time.perf_counter()
+    assign_weights(model, check_keys(model, state_dict, config_name), device, dtype)
+    model.eval().requires_grad_(False)
+    if timings is not None:
+        timings.update(read=read_done - start, build=build_done - read_done, move=time.perf_counter() - build_done)
+    return model
+
+
+def load_model_from_config(config: Any, ckpt: str | os.PathLike, verbose: bool = False,
+                           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The CompVis scripts' helper (`config` loaded with OmegaConf), but strict and without random initialisation."""
+    return load_model(ckpt, config, device=device, dtype=dtype)

@@ -1,0 +1,199 @@
+"""`LatentDiffusion`: the CompVis inference API (conditioning, denoiser call, first-stage encode/decode).
+
+Training lives elsewhere; this class carries the schedule and the three sub-models under the attribute names of the
+released checkpoints: `model.diffusion_model` (UNet), `first_stage_model` (autoencoder), `cond_stage_model` (text).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
+
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
+PARAMETERIZATIONS = ("eps", "x0", "v")
+
+
+def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                       cosine_s: float = 8e-3) -> np.ndarray:
+    """Beta schedules of CompVis, in float64; SD uses "linear", which is linear in sqrt(beta) ("scaled linear")."""
+    if schedule == "linear":
+        return np.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=np.float64) ** 2
+    if schedule == "cosine":  # Nichol & Dhariwal 2021
+        steps = np.arange(n_timestep + 1, dtype=np.float64) / n_timestep + cosine_s
+        alphas = np.cos(steps / (1 + cosine_s) * np.pi / 2) ** 2
+        alphas = alphas / alphas[0]
+        return np.clip(1 - alphas[1:] / alphas[:-1], 0, 0.999)
+    if schedule == "sqrt_linear":
+        return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64)
+    if schedule == "sqrt":
+        return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64) ** 0.5
+    raise ValueError(f"unknown beta schedule {schedule!r}: use linear, cosine, sqrt_linear or sqrt")
+
+
+def extract_into_tensor(buffer: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`buffer[t]` shaped [B, 1, 1, ...] to broadcast against `x`, in x's dtype."""
+    return buffer.to(x.device)[t.long()].reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model` and routes conditioning to it as CompVis does."""
+
+    def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: str | None):
+        super().__init__()
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(f"conditioning_key {conditioning_key!r} is not one of {CONDITIONING_KEYS}")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Sequence[torch.Tensor] | None = None,
+                c_crossattn: Sequence[torch.Tensor] | None = None, c_adm: torch.Tensor | None = None) -> torch.Tensor:
+        key = self.conditioning_key
+        if key in ("concat", "hybrid", "hybrid-adm"):
+            x = torch.cat([x, *c_concat], dim=1)
+        context = torch.cat(list(c_crossattn), dim=1) if key in ("crossattn", "hybrid", "hybrid-adm",
+                                                                 "crossattn-adm") else None
+        if key == "adm":
+            return self.diffusion_model(x, t, y=c_crossattn[0])
+        if key in ("hybrid-adm", "crossattn-adm"):
+            return self.diffusion_model(x, t, context=context, y=c_adm)
+        return self.diffusion_model(x, t, context=context)
+
+
+class LatentDiffusion(nn.Module):
+    """Stable Diffusion for inference, built from the `params` of a released yaml config."""
+
+    def __init__(self, unet_config: Mapping[str, Any], first_stage_config: Mapping[str, Any],
+                 cond_stage_config: Mapping[str, Any] | str, conditioning_key: str | None = "crossattn",
+                 timesteps: int = 1000, beta_schedule: str = "linear", linear_start: float = 1e-4,
+                 linear_end: float = 2e-2, cosine_s: float = 8e-3, given_betas: Sequence[float] | None = None,
+                 parameterization: str = "eps", scale_factor: float = 1.0, image_size: int = 64, channels: int = 4,
+                 use_ema: bool = False, clip_denoised: bool = False, v_posterior: float = 0.0):
+        super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization {parameterization!r} is not one of {PARAMETERIZATIONS}")
+        self.parameterization = parameterization
+        self.image_size = image_size
+        self.channels = channels
+        self.scale_factor = scale_factor
+        self.clip_denoised = clip_denoised
+        self.v_posterior = v_posterior
+        # EMA weights are copied into `model` when the checkpoint is loaded (ldm.loading), so no shadow copy is kept
+        self.use_ema = use_ema
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.first_stage_model = instantiate_from_config(first_stage_config).eval()
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        if self.cond_stage_model is not None:
+            self.cond_stage_model = self.cond_stage_model.eval()
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+
+    # --- schedule -------------------------------------------------------------------------------------------------
+    def register_schedule(self, given_betas: Sequence[float] | None = None, beta_schedule: str = "linear",
+                          timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                          cosine_s: float = 8e-3) -> None:
+        """The float32 schedule buffers of CompVis, computed in float64 first exactly as the original does."""
+        betas = (np.asarray(given_betas, dtype=np.float64) if given_betas is not None else
+                 make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        self.num_timesteps = int(betas.shape[0])
+        self.linear_start, self.linear_end = linear_start, linear_end
+        posterior_variance = ((1 - self.v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+                              + self.v_posterior * betas)
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+            "posterior_variance": posterior_variance,
+            # clipped because the posterior variance is 0 at the start of the chain
+            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32, device="cpu"))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @contextmanager
+    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+        """CompVis compatibility: EMA weights, when asked for, were already loaded into the model."""
+        yield
+
+    # --- conditioning and denoiser ----------------------------------------------------------------------------------
+    def get_learned_conditioning(self, c: Any) -> Any:
+        """Text (list of prompts) to the UNet's cross-attention context, through `cond_stage_model`."""
+        if callable(getattr(self.cond_stage_model, "encode", None)):
+            c = self.cond_stage_model.encode(c)
+            return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+        return self.cond_stage_model(c)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False) -> torch.Tensor:
+        """The UNet's prediction (eps or v, per `parameterization`) for latents `x_noisy` at timesteps `t`."""
+        if not isinstance(cond, dict):
+            cond = cond if isinstance(cond, list) else [cond]
+            cond = {("c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"): cond}
+        out = self.model(x_noisy, t, **cond)
+        return out[0] if isinstance(out, tuple) and not return_ids else out
+
+    # --- first stage ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False,
+                           force_not_quantize: bool = False) -> torch.Tensor:
+        """Latents to images in [-1, 1] (undoing `scale_factor`)."""
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution | torch.Tensor:
+        """Images in [-1, 1] to the autoencoder's posterior; `get_first_stage_encoding` turns it into latents."""
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior: DiagonalGaussianDistribution | torch.Tensor,
+                                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """A posterior sample (noise from `generator` when given) times `scale_factor`."""
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample(generator=generator)
+        elif torch.is_tensor(encoder_posterior):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder_posterior of type {type(encoder_posterior).__name__} is not supported")
+        return self.scale_factor * z
+
+    # --- schedule algebra used by samplers --------------------------------------------------------------------------
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise."""
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t) * noise)
+
+    def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t) * x_t
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
+
+    def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t) * v
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t)
+
+    def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x) * noise
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x) * x)

@@ -1,0 +1,49 @@
+"""Tiny random checkpoints in the released key layout, written as real users' files are (.ckpt and .safetensors)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm.util import instantiate_from_config
+
+TEST_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def random_state_dict(config_path: str | Path, seed: int = 0, overrides: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter of the config's model drawn at random (zero-initialised layers too), buffers as built."""
+    config = OmegaConf.load(str(config_path))
+    if overrides:
+        config = OmegaConf.merge(config, OmegaConf.create({"model": {"params": overrides}}))
+    model = instantiate_from_config(config.model)
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for name, tensor in model.state_dict().items():
+        if name in dict(model.named_parameters()):
+            fan_in = tensor[0].numel() if tensor.ndim > 1 else 1
+            scale = (1.0 / fan_in) ** 0.5 if tensor.ndim > 1 else 0.1
+            tensor = torch.randn(tensor.shape, generator=generator) * scale
+            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "norm_out.weight",
+                              "ln_1.weight", "ln_2.weight", "ln_final.weight", "layer_norm1.weight",
+                              "layer_norm2.weight", "final_layer_norm.weight", "in_layers.0.weight",
+                              "out_layers.0.weight", "out.0.weight")):
+                tensor = 1.0 + tensor  # normalisation gains near one keep activations in range
+        state_dict[name] = tensor.contiguous().clone()
+    return state_dict
+
+
+def write_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path, lightning: bool = True) -> Path:
+    """`.safetensors` by suffix, else a torch zip pickle (Lightning-style `{"state_dict": ...}` when `lightning`)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(state_dict, str(path))
+    else:
+        torch.save({"state_dict": state_dict, "global_step": 470000, "epoch": 6} if lightning else state_dict, path)
+    return path
+
+
+def make_tiny_checkpoint(path: str | Path, family: str = "v1", seed: int = 0) -> Path:
+    """A tiny v1 or v2 checkpoint at `path` from tests/configs/tiny-<family>.yaml."""
+    return write_checkpoint(random_state_dict(TEST_CONFIGS / f"tiny-{family}.yaml", seed), path)

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random checkpoints in the released key layout, written once per test session."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from checkpoint_factory import TEST_CONFIGS, make_tiny_checkpoint  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict:
+    """{("v1" | "v2", ".ckpt" | ".safetensors"): path}, each with the same random weights per family."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    paths = {}
+    for family in ("v1", "v2"):
+        for suffix in (".ckpt", ".safetensors"):
+            paths[family, suffix] = make_tiny_checkpoint(folder / f"tiny-{family}{suffix}", family)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_checkpoints) -> Path:
+    """A tiny SD 1.x `.ckpt`; its config is tests/configs/tiny-v1.yaml (64x64 images, f=8, 4 latent channels)."""
+    return tiny_checkpoints["v1", ".ckpt"]
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Path:
+    return TEST_CONFIGS / "tiny-v1.yaml"
