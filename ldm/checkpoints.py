@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,13 @@ def _refusal(path: str | os.PathLike, error: Exception) -> CheckpointError:
 
 
 def _torch_load(path: str | os.PathLike, file_format: str) -> Any:
+    # torch.load routes "*.safetensors" names to safetensors whatever the bytes say: hand it a file object then
+    misnamed = os.fspath(path).endswith(".safetensors")
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=file_format == TORCH_ZIP)
+        with torch.serialization.safe_globals(_allowed_globals()), \
+                (open(path, "rb") if misnamed else nullcontext(path)) as source:
+            return torch.load(source, map_location="cpu", weights_only=True,
+                              mmap=file_format == TORCH_ZIP and not misnamed)
     except pickle.UnpicklingError as error:
         raise _refusal(path, error) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:

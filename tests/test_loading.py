@@ -86,6 +86,7 @@ def test_lightning_extras_with_numpy_and_callback_records_load(tmp_path):
         pass
 
     ModelCheckpoint.__module__ = module.__name__
+    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
     module.ModelCheckpoint = ModelCheckpoint
     names = ["pytorch_lightning", "pytorch_lightning.callbacks", module.__name__]
     for name in names[:2]:
