@@ -12,28 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
 PARAMETERIZATIONS = ("eps", "x0", "v")
-
-
-def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
-                       cosine_s: float = 8e-3) -> np.ndarray:
-    """Beta schedules of CompVis, in float64; SD uses "linear", which is linear in sqrt(beta) ("scaled linear")."""
-    if schedule == "linear":
-        return np.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=np.float64) ** 2
-    if schedule == "cosine":  # Nichol & Dhariwal 2021
-        steps = np.arange(n_timestep + 1, dtype=np.float64) / n_timestep + cosine_s
-        alphas = np.cos(steps / (1 + cosine_s) * np.pi / 2) ** 2
-        alphas = alphas / alphas[0]
-        return np.clip(1 - alphas[1:] / alphas[:-1], 0, 0.999)
-    if schedule == "sqrt_linear":
-        return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64)
-    if schedule == "sqrt":
-        return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64) ** 0.5
-    raise ValueError(f"unknown beta schedule {schedule!r}: use linear, cosine, sqrt_linear or sqrt")
 
 
 def extract_into_tensor(buffer: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

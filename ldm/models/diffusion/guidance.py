@@ -1,0 +1,52 @@
+"""Classifier-free guidance (Ho & Salimans 2022), shared by every sampler."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def concat_conditionings(first: Any, second: Any) -> Any:
+    """Stack two conditionings of the same structure along the batch: tensors, lists of them, or CompVis dicts
+    like `{"c_crossattn": [tensor], "c_concat": [tensor]}`."""
+    if torch.is_tensor(first) and torch.is_tensor(second):
+        return torch.cat([first, second])
+    if isinstance(first, dict) and isinstance(second, dict):
+        if first.keys() != second.keys():
+            raise ValueError(f"conditionings have different keys {sorted(first)} and {sorted(second)}; "
+                             "give the unconditional conditioning the same keys as the conditional one")
+        return {key: concat_conditionings(first[key], second[key]) for key in first}
+    if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
+        if len(first) != len(second):
+            raise ValueError(f"conditioning lists have lengths {len(first)} and {len(second)}; they must match")
+        return [concat_conditionings(a, b) for a, b in zip(first, second)]
+    raise TypeError(f"cannot batch conditionings of types {type(first).__name__} and {type(second).__name__}; "
+                    "expected tensors, lists of tensors or dicts of those with the same structure")
+
+
+def conditioning_batch_size(cond: Any) -> int | None:
+    """The batch size of the first tensor in a conditioning (tensor, list or dict of those); None if it has none."""
+    if torch.is_tensor(cond):
+        return cond.shape[0]
+    children = cond.values() if isinstance(cond, dict) else cond if isinstance(cond, (list, tuple)) else ()
+    for child in children:
+        size = conditioning_batch_size(child)
+        if size is not None:
+            return size
+    return None
+
+
+def guided_model_output(model: Any, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
+                        scale: float) -> torch.Tensor:
+    """`model.apply_model` under classifier-free guidance: `uncond_out + scale * (cond_out - uncond_out)`.
+
+    Both halves run in one `apply_model` call on the batch `[uncond, cond]`; with `scale == 1` or no `uncond` only the
+    conditional half runs. The output is whatever the model predicts (eps or v): guidance is affine in it, so
+    guiding before or after converting between the two gives the same result.
+    """
+    if uncond is None or scale == 1.0:
+        return model.apply_model(x, t, cond)
+    batched_x = torch.cat([x, x])  # [2B, C, H, W]: unconditional half first, as CompVis orders it
+    batched_t = torch.cat([t, t])
+    out_uncond, out_cond = model.apply_model(batched_x, batched_t, concat_conditionings(uncond, cond)).chunk(2)
+    return out_uncond + scale * (out_cond - out_uncond)
