@@ -1,0 +1,164 @@
+"""Sampler names users know ("Euler a", "DPM++ 2M Karras", "ddim", ...) and one entry point that runs any of them.
+
+Names match case- and separator-insensitively ("DPM++ 2M Karras" == "dpmpp_2m_karras" == "dpmpp-2m-karras"); every
+k-diffusion sampler also has a Karras-schedule variant, named with a " Karras" / "_karras" suffix.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ldm.models.diffusion import k_sampling
+from ldm.models.diffusion.k_denoisers import CompVisDenoiser, make_denoiser
+from ldm.models.diffusion.k_schedules import get_sigmas_karras
+from ldm.models.diffusion.noise import ImageNoise
+from ldm.models.diffusion.uni_pc import sample_unipc
+
+KARRAS_SUFFIX = "karras"
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One sampler: a k-diffusion style `function` on a sigma `schedule`, or a CompVis sampler class (`compvis`,
+    "module:Class", imported only when used)."""
+
+    name: str
+    function: Callable[..., torch.Tensor] | None = None
+    schedule: str = "model"  # "model" (k-diffusion's get_sigmas), "discrete" (diffusers' linspace) or "karras"
+    stochastic: bool = False  # takes eta and draws noise
+    compvis: str | None = None
+
+    def sigmas(self, denoiser: CompVisDenoiser, steps: int) -> torch.Tensor:
+        if self.schedule == "karras":
+            return get_sigmas_karras(steps, denoiser.sigma_min, denoiser.sigma_max, device=denoiser.sigmas.device,
+                                     dtype=denoiser.sigmas.dtype)
+        if self.schedule == "discrete":
+            return denoiser.get_sigmas_discrete(steps)
+        return denoiser.get_sigmas(steps)
+
+
+_K_SAMPLERS = [
+    # canonical name, function, own schedule, stochastic, aliases
+    ("euler", k_sampling.sample_euler, "model", False, ()),
+    ("euler_a", k_sampling.sample_euler_ancestral, "model", True, ("euler_ancestral",)),
+    ("heun", k_sampling.sample_heun, "model", False, ()),
+    ("dpm2", k_sampling.sample_dpm_2, "model", False, ()),
+    ("dpm2_a", k_sampling.sample_dpm_2_ancestral, "model", True, ("dpm2_ancestral",)),
+    ("lms", k_sampling.sample_lms, "model", False, ()),
+    ("dpmpp_2s_a", k_sampling.sample_dpmpp_2s_ancestral, "model", True, ("dpmpp_2s_ancestral",)),
+    ("dpmpp_2m", k_sampling.sample_dpmpp_2m, "model", False, ()),
+    ("dpmpp_sde", k_sampling.sample_dpmpp_sde, "model", True, ()),
+    ("dpmpp_2m_sde", k_sampling.sample_dpmpp_2m_sde, "model", True, ()),
+    ("unipc", sample_unipc, "discrete", False, ("uni_pc",)),
+]
+_COMPVIS_SAMPLERS = [
+    ("ddim", "ldm.models.diffusion.ddim:DDIMSampler", ()),
+    ("plms", "ldm.models.diffusion.plms:PLMSSampler", ()),
+    ("dpm_solver", "ldm.models.diffusion.dpm_solver:DPMSolverSampler", ()),
+]
+
+
+def normalize_name(name: str) -> str:
+    """"DPM++ 2M Karras" -> "dpmpp2mkarras": lower case, "+" as "p", separators dropped."""
+    return re.sub(r"[^a-z0-9]", "", name.lower().replace("+", "p"))
+
+
+def _build_registry() -> tuple[dict[str, SamplerSpec], list[str]]:
+    by_key: dict[str, SamplerSpec] = {}
+    names: list[str] = []
+
+    def add(spec: SamplerSpec, aliases: Sequence[str]) -> None:
+        names.append(spec.name)
+        for alias in (spec.name, *aliases):
+            by_key[normalize_name(alias)] = spec
+
+    for name, function, schedule, stochastic, aliases in _K_SAMPLERS:
+        add(SamplerSpec(name, function, schedule, stochastic), aliases)
+    for name, function, _, stochastic, aliases in _K_SAMPLERS:
+        karras_aliases = [f"{alias}_{KARRAS_SUFFIX}" for alias in aliases]
+        add(SamplerSpec(f"{name}_{KARRAS_SUFFIX}", function, "karras", stochastic), karras_aliases)
+    for name, target, aliases in _COMPVIS_SAMPLERS:
+        add(SamplerSpec(name, compvis=target, stochastic=name == "ddim"), aliases)
+    return by_key, names
+
+
+_REGISTRY, _NAMES = _build_registry()
+
+
+def available_samplers() -> list[str]:
+    """Canonical sampler names, for the CLI's --help."""
+    return list(_NAMES)
+
+
+def resolve_sampler(name: str) -> SamplerSpec:
+    """The sampler called `name`; ValueError listing the valid names if there is none."""
+    key = normalize_name(name)
+    if key.startswith("k") and key not in _REGISTRY and key[1:] in _REGISTRY:
+        key = key[1:]  # "k_euler_a", "k_lms": the names of the first k-diffusion front ends
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(_NAMES)} "
+                         "(case and separators do not matter: 'DPM++ 2M Karras' is dpmpp_2m_karras)")
+    return _REGISTRY[key]
+
+
+def _load_compvis_sampler(target: str) -> type:
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def sample(model: Any, name: str, steps: int, shape: Sequence[int], cond: Any, uncond: Any, scale: float,
+           noise: ImageNoise, x_T: torch.Tensor | None = None, eta: float | None = None,
+           callback: Callable[[dict[str, Any]], None] | None = None, disable: bool | None = None) -> torch.Tensor:
+    """Latents [B, C, H, W] = `shape` sampled by sampler `name` in `steps` steps, with classifier-free guidance
+    `scale` between `cond` and `uncond`.
+
+    `x_T` is unit-variance starting noise (drawn from `noise` when None); the k-diffusion samplers start from
+    x_T * sigmas[0] and take all further noise from `noise`, so each image depends only on its own seed. `eta`
+    None keeps each sampler's default (1 for ancestral and SDE samplers, 0 for DDIM). `callback` receives a dict
+    with at least "i" (step index) and "denoised" (the current clean-latent estimate) once per step.
+    """
+    spec = resolve_sampler(name)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    shape = tuple(int(size) for size in shape)
+    if len(shape) != 4 or shape[0] != len(noise):
+        raise ValueError(f"shape {shape} must be [batch, channels, height, width] with batch = {len(noise)}, "
+                         "the number of seeds in `noise`")
+    if eta is not None and eta != 0 and not spec.stochastic:
+        raise ValueError(f"sampler {spec.name!r} is deterministic and takes no eta (got eta={eta}); "
+                         "use an ancestral or SDE sampler, or ddim, for eta > 0")
+    if x_T is None:
+        x_T = noise.randn(shape, device=model.device, dtype=torch.float32)
+    elif tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+
+    if spec.compvis is not None:
+        return _sample_compvis(spec, model, steps, shape, cond, uncond, scale, noise, x_T, eta, callback, disable)
+
+    denoiser = make_denoiser(model)
+    sigmas = spec.sigmas(denoiser, steps).to(x_T.device)
+    x = x_T * sigmas[0]
+    knobs: dict[str, Any] = {"noise_sampler": noise.noise_sampler(x)}
+    if eta is not None and spec.stochastic:
+        knobs["eta"] = eta
+    extra_args = {"cond": cond, "uncond": uncond, "cond_scale": scale}
+    return spec.function(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **knobs)
+
+
+def _sample_compvis(spec: SamplerSpec, model: Any, steps: int, shape: tuple[int, ...], cond: Any, uncond: Any,
+                    scale: float, noise: ImageNoise, x_T: torch.Tensor, eta: float | None,
+                    callback: Callable[[dict[str, Any]], None] | None, disable: bool | None) -> torch.Tensor:
+    sampler = _load_compvis_sampler(spec.compvis)(model)
+    img_callback = None
+    if callback is not None:
+        def img_callback(pred_x0: torch.Tensor, i: int) -> None:
+            callback({"i": i, "denoised": pred_x0})
+    samples, _ = sampler.sample(S=steps, batch_size=shape[0], shape=shape[1:], conditioning=cond,
+                                eta=0.0 if eta is None else eta, x_T=x_T, noise=noise, verbose=not disable,
+                                unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+                                img_callback=img_callback)
+    return samples
