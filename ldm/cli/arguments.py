@@ -1,0 +1,204 @@
+"""The txt2img command line: every flag of the CompVis script (same names, types, defaults) and this tool's own."""
+from __future__ import annotations
+
+import argparse
+import math
+import textwrap
+from typing import Any, Sequence
+
+DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+MAX_SEED = 2**32 - 1  # numpy's RandomState and other tools take 32-bit seeds; staying inside keeps seeds portable
+MAX_STEPS = 1000  # the models' number of training timesteps
+PRECISIONS = ("full", "autocast", "fp32", "fp16", "bf16")
+
+DESCRIPTION = "Text to image with Stable Diffusion (the CompVis txt2img script, with the same flags)."
+EPILOG = """\
+seeds: image i of a run, counting across --n_iter and prompts in the order they are made, gets seed + i, and its
+noise comes from a CPU generator of its own, so an image is the same whatever the batch size or device. With
+--fixed_code the i-th image of every batch gets seed + i (the same starting code in every batch, as in CompVis). A
+prompt-file line with its own "seed" gives that prompt's images seed, seed + 1, ... Seeds lie in 0..4294967295.
+
+outputs: OUTDIR/samples/NNNNN.png (+ NNNNN.yaml sidecar) and OUTDIR/grid-NNNN.png, numbered after the highest
+number present; files are never overwritten. Each PNG carries its settings in a "parameters" text chunk.
+
+prompt files (--from-file): as in CompVis, each prompt is rendered once per iteration (--repeat times), in batches
+of up to --n_samples. One prompt a line, UTF-8; blank lines and # comments are skipped; a line may be a JSON
+object such as {"prompt": "a cat", "seed": 7, "scale": 5, "steps": 30, "H": 512, "W": 768, "sampler": "euler_a",
+"negative_prompt": "blurry"}. A .yaml sidecar of a saved image is accepted too.
+
+exit status: 0 done, 1 failed while generating, 2 bad input (nothing is written then)."""
+
+
+class UsageError(Exception):
+    """Bad input: one line for the user, exit status 2, raised before anything heavy starts."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The epilog as written, and every flag's default after its help (unless the help already says it)."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return text + " (default: off)"
+        shown = {None: "none", "": "empty"}.get(action.default, "%(default)s")
+        return f"{text} (default: {shown})"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump; main() prints it and exits 2
+        raise UsageError(message)
+
+
+def _sampler_help() -> str:
+    from ldm.models.diffusion.samplers import available_samplers
+
+    names = [name for name in available_samplers() if not name.endswith("_karras")]
+    return (f"sampler by name (default: ddim, or as --plms/--dpm_solver say): {', '.join(names)}; add _karras for "
+            f"Karras sigmas (dpmpp_2m_karras); the names other tools print work too (\"Euler a\", "
+            f"\"DPM++ 2M Karras\"). --ddim_eta applies to ddim; other ancestral/SDE samplers keep eta 1 unless "
+            f"--ddim_eta is not 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="txt2img.py", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=_HelpFormatter)
+    add = parser.add_argument
+    # The CompVis flags, in the CompVis order.
+    add("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
+        help="the prompt to render")
+    add("--outdir", type=str, nargs="?", default="outputs/txt2img-samples", help="dir to write results to")
+    add("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
+    add("--skip_save", action="store_true", help="do not save individual samples (for speed measurements)")
+    add("--ddim_steps", type=int, default=50, help="number of sampling steps (for every sampler)")
+    add("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)")
+    add("--dpm_solver", action="store_true", help="use DPM-Solver sampling (same as --sampler dpm_solver)")
+    add("--laion400m", action="store_true", help="use the LAION-400M latent diffusion model paths of CompVis")
+    add("--fixed_code", action="store_true", help="use the same starting code for every batch (see seeds below)")
+    add("--ddim_eta", type=float, default=0.0, help="ddim eta (0.0 is deterministic sampling)")
+    add("--n_iter", type=int, default=2, help="sample this often")
+    add("--H", type=int, default=512, help="image height, in pixel space")
+    add("--W", type=int, default=512, help="image width, in pixel space")
+    add("--C", type=int, default=4, help="latent channels")
+    add("--f", type=int, default=8, help="downsampling factor of the autoencoder")
+    add("--n_samples", type=int, default=3, help="how many samples to produce for each given prompt; batch size")
+    add("--n_rows", type=int, default=0, help="images per grid row (0: n_samples, one batch a row)")
+    add("--scale", type=float, default=7.5,
+        help="unconditional guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond))")
+    add("--from-file", type=str, default=None, help="load prompts from this file (see prompt files below)")
+    add("--config", type=str, default=None,
+        help="path to the config which constructs the model (default: the released config that fits the "
+             "checkpoint's weights)")
+    add("--ckpt", type=str, default=DEFAULT_CKPT, help="path to the checkpoint (.ckpt or .safetensors)")
+    add("--seed", type=int, default=42, help="the seed of the run's first image (0..4294967295)")
+    add("--precision", type=str, choices=PRECISIONS, default="autocast",
+        help="evaluate at this precision: autocast/fp16 = half precision on GPUs (fp32 on the CPU), full = fp32")
+    # Stability's SD 2.x script.
+    add("--repeat", type=int, default=1, help="render each prompt this often per iteration")
+    add("--device", type=str, default=None, help="cuda, cuda:N, mps or cpu (default: the best available: cuda, "
+                                                 "then mps, then cpu)")
+    add("--bf16", action="store_true", help="use bfloat16 weights (same as --precision bf16)")
+    # This tool's own.
+    add("--sampler", type=str, default=None, help=_sampler_help())
+    add("--negative_prompt", type=str, default="", help="what the image should not show (the unconditional prompt)")
+    add("--vae", type=str, default=None, help="a separate autoencoder file whose weights replace the checkpoint's")
+    add("--ema", action="store_true", help="use the checkpoint's EMA weights (default: as the config says)")
+    add("--v_prediction", action="store_true",
+        help="an SD 2.x checkpoint predicts v (default: guessed from '768' in the file name); used without --config")
+    add("--no_metadata", action="store_true", help="write neither the PNG parameters chunk nor the .yaml sidecars")
+    add("--watermark", action="store_true",
+        help="add the CompVis invisible watermark; needs the invisible-watermark package (default: off)")
+    add("--safety_checker", type=str, default=None, metavar="PATH",
+        help="a local safety checker folder (diffusers format); flagged images are replaced by black ones "
+             "(default: off, never downloaded)")
+    add("--metadata_from", type=str, default=None, metavar="FILE",
+        help="regenerate one image from its .yaml sidecar (or PNG): its prompt, seed, steps, sampler, scale, size")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def check_counts(opt: argparse.Namespace) -> None:
+    """The run-wide numbers that must be positive (or zero)."""
+    for flag, minimum in (("n_iter", 1), ("n_samples", 1), ("repeat", 1), ("n_rows", 0), ("C", 1), ("f", 1)):
+        value = getattr(opt, flag)
+        if value < minimum:
+            raise UsageError(f"--{flag} {value} is too small: it must be at least {minimum}")
+
+
+def check_image_settings(settings: dict[str, Any], where: str, f: int) -> None:
+    """One prompt's effective settings (flags plus its overrides): steps, size, scale, eta, sampler/eta pairing."""
+    steps = settings["steps"]
+    if not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"{where}: steps {steps} is out of range: use 1..{MAX_STEPS}")
+    for name in ("H", "W"):
+        value = settings[name]
+        multiple = math.lcm(8, f)
+        if value <= 0 or value % multiple:
+            raise UsageError(f"{where}: {name} {value} is not a positive multiple of {multiple}: "
+                             f"try {nearest_multiples(value, multiple)}")
+    if not math.isfinite(settings["scale"]):
+        raise UsageError(f"{where}: scale {settings['scale']} is not a finite number")
+    eta = settings["eta"]
+    if eta is not None and (not math.isfinite(eta) or eta < 0):
+        raise UsageError(f"{where}: eta {eta} must be a number >= 0")
+
+
+def nearest_multiples(value: int, multiple: int) -> str:
+    """"32 or 48": the multiples of `multiple` around `value` (only the upper one below the first)."""
+    lower = value // multiple * multiple
+    return f"{lower} or {lower + multiple}" if lower > 0 else str(multiple)
+
+
+def check_seed(seed: int, where: str, last_offset: int = 0) -> None:
+    """`seed` and `seed + last_offset` (the run's last image) must be valid seeds."""
+    if seed < 0 or seed > MAX_SEED:
+        raise UsageError(f"{where}: seed {seed} is out of range: seeds must lie in 0..{MAX_SEED}")
+    if seed + last_offset > MAX_SEED:
+        raise UsageError(f"{where}: seed {seed} gives a later image the seed {seed + last_offset}, out of range: "
+                         f"seeds must lie in 0..{MAX_SEED} (image i of a run uses seed + i); use a smaller seed")
+
+
+def sampler_from_flags(opt: argparse.Namespace) -> str:
+    """The sampler the flags ask for: --sampler, --plms or --dpm_solver (refusing contradictions), else ddim."""
+    from_flags = [name for flag, name in (("plms", "plms"), ("dpm_solver", "dpm_solver")) if getattr(opt, flag)]
+    if len(from_flags) > 1:
+        raise UsageError("--plms and --dpm_solver exclude each other: pick one sampler")
+    if opt.sampler is not None and from_flags and resolve_sampler(opt.sampler) != from_flags[0]:
+        raise UsageError(f"--sampler {opt.sampler} contradicts --{from_flags[0]}: pick one sampler")
+    return resolve_sampler(opt.sampler) if opt.sampler is not None else (from_flags or ["ddim"])[0]
+
+
+def resolve_sampler(name: str, where: str = "--sampler") -> str:
+    """The registered sampler for `name`, accepting the spellings users know ("Euler a", "DPM++ 2M Karras")."""
+    from ldm.models.diffusion import samplers
+
+    try:
+        return samplers.resolve_sampler(name).name
+    except ValueError:
+        raise UsageError(f"{where}: unknown sampler {name!r}; available: "
+                         f"{', '.join(samplers.available_samplers())}") from None
+
+
+def sampler_eta(sampler: str, eta: float | None, explicit: bool, where: str) -> float | None:
+    """The eta to pass: DDIM takes --ddim_eta (CompVis); other stochastic samplers keep their own default (1) unless
+    an eta other than 0 is given; deterministic samplers refuse one."""
+    from ldm.models.diffusion import samplers
+
+    if sampler == "ddim":
+        return 0.0 if eta is None else eta
+    if eta is None or (eta == 0 and not explicit):
+        return None
+    if not samplers.resolve_sampler(sampler).stochastic:
+        hint = "use --ddim_eta 0 or --sampler ddim" if sampler == "plms" else "use an ancestral/SDE sampler or ddim"
+        raise UsageError(f"{where}: {sampler} is deterministic and takes no eta (got {eta}): {hint}")
+    return eta

@@ -1,0 +1,167 @@
+"""How each image was made: the PNG "parameters" text other tools read, and a `.yaml` sidecar with the same data.
+
+The text follows the widely read format:
+    <prompt>
+    Negative prompt: <negative prompt>
+    Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model hash: abcdef1234, Model: sd-v1-4, Eta: 0
+Size is width x height. Both forms read back into an `ImageRecord`, which the CLI can run again to get the same pixels.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+import yaml
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+PARAMETERS_KEY = "parameters"
+NEGATIVE_PREFIX = "Negative prompt: "
+
+# Names other tools print, keyed by the sampler name squeezed to lowercase letters and digits.
+_DISPLAY_NAMES = {
+    "ddim": "DDIM", "plms": "PLMS", "dpmsolver": "DPM-Solver", "euler": "Euler", "eulera": "Euler a",
+    "eulerancestral": "Euler a", "heun": "Heun", "dpm2": "DPM2", "dpm2a": "DPM2 a", "dpm2ancestral": "DPM2 a",
+    "lms": "LMS", "dpmpp2sa": "DPM++ 2S a", "dpmpp2sancestral": "DPM++ 2S a", "dpmpp2m": "DPM++ 2M",
+    "dpmppsde": "DPM++ SDE", "dpmpp2msde": "DPM++ 2M SDE", "unipc": "UniPC",
+}
+_SCHEDULE_SUFFIXES = {"karras": "Karras", "exponential": "Exponential"}
+
+
+def squeeze_name(name: str) -> str:
+    """'DPM++ 2M Karras', 'dpmpp_2m_karras' and 'dpmpp-2m-karras' all become 'dpmpp2mkarras'."""
+    return re.sub(r"[^a-z0-9]", "", name.lower().replace("++", "pp"))
+
+
+def sampler_display_name(name: str) -> str:
+    """The name other tools print for sampler `name` ("euler_a" -> "Euler a"); unknown names pass through."""
+    squeezed = squeeze_name(name)
+    for suffix, label in _SCHEDULE_SUFFIXES.items():
+        if squeezed.endswith(suffix) and squeezed[: -len(suffix)] in _DISPLAY_NAMES:
+            return f"{_DISPLAY_NAMES[squeezed[: -len(suffix)]]} {label}"
+    return _DISPLAY_NAMES.get(squeezed, name)
+
+
+@dataclass
+class ImageRecord:
+    """Everything that decides an image's pixels (with the model), plus the model's identity."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    scale: float
+    seed: int
+    H: int
+    W: int
+    eta: float | None  # None: the sampler's own default (deterministic samplers take none)
+    model: str = ""
+    model_hash: str = ""
+    vae: str | None = None
+
+    def to_mapping(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "ImageRecord":
+        known = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in mapping.items() if key in known})
+
+
+def _number(value: float) -> str:
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _quote(value: str) -> str:
+    """Values holding the separators are JSON-quoted, as the readers of this format expect."""
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
+
+
+def parameters_text(record: ImageRecord) -> str:
+    """The "parameters" text of `record`."""
+    lines = [record.prompt]
+    if record.negative_prompt:
+        lines.append(NEGATIVE_PREFIX + record.negative_prompt)
+    pairs = [("Steps", str(record.steps)), ("Sampler", sampler_display_name(record.sampler)),
+             ("CFG scale", _number(record.scale)), ("Seed", str(record.seed)), ("Size", f"{record.W}x{record.H}")]
+    if record.model_hash:
+        pairs.append(("Model hash", record.model_hash))
+    if record.model:
+        pairs.append(("Model", record.model))
+    if record.vae:
+        pairs.append(("VAE", record.vae))
+    if record.eta is not None:
+        pairs.append(("Eta", _number(record.eta)))
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in pairs))
+    return "\n".join(lines)
+
+
+_PAIR = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_parameters_text(text: str) -> dict[str, Any]:
+    """The fields of a "parameters" text, named as in the sidecar (prompt, negative_prompt, steps, sampler, ...)."""
+    lines = text.split("\n")
+    pairs: dict[str, str] = {}
+    if lines and len(_PAIR.findall(lines[-1])) >= 3:
+        for key, value in _PAIR.findall(lines.pop()):
+            pairs[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    negative_at = next((i for i, line in enumerate(lines) if line.startswith(NEGATIVE_PREFIX)), len(lines))
+    result: dict[str, Any] = {"prompt": "\n".join(lines[:negative_at]),
+                              "negative_prompt": "\n".join(lines[negative_at:])[len(NEGATIVE_PREFIX):]}
+    converters = {"Steps": ("steps", int), "Sampler": ("sampler", str), "CFG scale": ("scale", float),
+                  "Seed": ("seed", int), "Model hash": ("model_hash", str), "Model": ("model", str),
+                  "VAE": ("vae", str), "Eta": ("eta", float)}
+    for key, (name, convert) in converters.items():
+        if key in pairs:
+            result[name] = convert(pairs[key])
+    if "Size" in pairs:
+        width, _, height = pairs["Size"].partition("x")
+        result["W"], result["H"] = int(width), int(height)
+    return result
+
+
+def encode_png(pixels: np.ndarray, parameters: str | None) -> bytes:
+    """PNG bytes of uint8 `pixels` [H, W, 3], with the "parameters" text chunk unless `parameters` is None."""
+    info = None
+    if parameters is not None:
+        info = PngInfo()
+        info.add_text(PARAMETERS_KEY, parameters)  # tEXt, or iTXt when the text is not Latin-1
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_png_parameters(path: str) -> str | None:
+    with Image.open(path) as image:
+        return image.info.get(PARAMETERS_KEY)
+
+
+def sidecar_text(data: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True, width=10**6)
+
+
+def read_metadata_file(path: str) -> dict[str, Any]:
+    """Fields from a sidecar `.yaml` or from a PNG's "parameters" chunk; ValueError with a message otherwise."""
+    if path.lower().endswith(".png"):
+        try:
+            text = read_png_parameters(path)
+        except OSError as error:
+            raise ValueError(f"cannot read {path}: {error}") from None
+        if text is None:
+            raise ValueError(f"{path} has no \"parameters\" text chunk (was it saved with --no_metadata?)")
+        return parse_parameters_text(text)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"cannot read metadata from {path}: {reason}") from None
+    if not isinstance(data, dict) or "prompt" not in data:
+        raise ValueError(f"{path} is not an image sidecar: expected a yaml mapping with a 'prompt' key")
+    return data

@@ -1,0 +1,199 @@
+"""Everything a run will do, worked out and checked before the model loads: prompts, settings, seeds, batches."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ldm.cli.arguments import (DEFAULT_CKPT, UsageError, check_image_settings, check_seed, nearest_multiples,
+                               resolve_sampler, sampler_eta, sampler_from_flags)
+from ldm.cli.metadata import read_metadata_file
+from ldm.cli.prompts import PromptFileError, PromptJob, job_from_mapping, read_prompt_file
+
+# The settings that must agree for images to share a batch (one sampler call).
+BATCH_KEYS = ("steps", "sampler", "scale", "eta", "H", "W")
+CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class PlannedImage:
+    prompt: str
+    negative_prompt: str
+    seed: int
+    settings: dict[str, Any]
+    index: int  # place in the run, counting across iterations and prompts
+
+
+@dataclass
+class RunPlan:
+    batches: list[list[PlannedImage]]
+    batches_per_iteration: list[int]
+    source_info: dict[str, Any] = field(default_factory=dict)  # model identity recorded in a sidecar being re-run
+
+    @property
+    def images(self) -> list[PlannedImage]:
+        return [image for batch in self.batches for image in batch]
+
+
+def apply_compat_flags(opt: argparse.Namespace) -> None:
+    """CompVis --laion400m paths and Stability's --bf16, folded into the ordinary options."""
+    if opt.laion400m:
+        opt.config = "configs/latent-diffusion/txt2img-1p4B-eval.yaml"
+        opt.ckpt = "models/ldm/text2img-large/model.ckpt"
+        opt.outdir = "outputs/txt2img-samples-laion400m"
+    if opt.bf16:
+        opt.precision = "bf16"
+
+
+def read_jobs(opt: argparse.Namespace) -> list[PromptJob]:
+    """The prompts of the run: --metadata_from (one image), --from-file, or --prompt."""
+    if opt.metadata_from and opt.from_file:
+        raise UsageError("--metadata_from and --from-file exclude each other: a sidecar also works with --from-file")
+    try:
+        if opt.metadata_from:
+            try:
+                record = read_metadata_file(opt.metadata_from)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+            opt.n_iter, opt.n_samples, opt.repeat = 1, 1, 1  # exactly the image the sidecar describes
+            return [job_from_mapping(record, opt.metadata_from)]
+        if opt.from_file:
+            return read_prompt_file(opt.from_file)
+    except PromptFileError as error:
+        raise UsageError(str(error)) from None
+    if opt.prompt is None:
+        raise UsageError("--prompt needs a text (or use --from-file)")
+    return [PromptJob(prompt=opt.prompt)]
+
+
+def job_settings(opt: argparse.Namespace, job: PromptJob, sampler: str) -> dict[str, Any]:
+    """The flags' settings with the job's overrides, checked."""
+    settings = {"steps": opt.ddim_steps, "sampler": sampler, "scale": opt.scale, "eta": opt.ddim_eta,
+                "H": opt.H, "W": opt.W, "negative_prompt": opt.negative_prompt}
+    settings.update(job.overrides)
+    if "sampler" in job.overrides:
+        settings["sampler"] = resolve_sampler(job.overrides["sampler"], where=job.source)
+    where = job.source if job.overrides else "flags"
+    settings["scale"] = float(settings["scale"])
+    settings["eta"] = sampler_eta(settings["sampler"], None if settings["eta"] is None else float(settings["eta"]),
+                                  "eta" in job.overrides, where)
+    check_image_settings(settings, where, opt.f)
+    return settings
+
+
+def plan_batches(opt: argparse.Namespace, jobs: list[PromptJob]) -> RunPlan:
+    """Images in the order they are made, grouped into batches of up to --n_samples with equal settings.
+
+    As in CompVis, each iteration renders the prompt list once (a single --prompt n_samples times); batches never span
+    iterations. Seeds: image i gets --seed + i; with --fixed_code, the seed + its place in its batch; a job with its
+    own seed numbers its images from that seed.
+    """
+    sampler = sampler_from_flags(opt)
+    settings = {id(job): job_settings(opt, job, sampler) for job in jobs}
+    per_iteration = ([job for job in jobs for _ in range(opt.repeat)] if len(jobs) > 1 or opt.from_file
+                     or opt.metadata_from else jobs * (opt.n_samples * opt.repeat))
+    batches: list[list[PlannedImage]] = []
+    per_iteration_counts: list[int] = []
+    made_by_job: dict[int, int] = {}
+    index = 0
+    for _ in range(opt.n_iter):
+        groups: list[list[PromptJob]] = []
+        for job in per_iteration:
+            key = tuple(settings[id(job)][name] for name in BATCH_KEYS)
+            same = groups and tuple(settings[id(groups[-1][0])][name] for name in BATCH_KEYS) == key
+            if same and len(groups[-1]) < opt.n_samples:
+                groups[-1].append(job)
+            else:
+                groups.append([job])
+        for group in groups:
+            batch = []
+            for place, job in enumerate(group):
+                has_own_seed = "seed" in job.overrides
+                base, where = (job.overrides["seed"], job.source) if has_own_seed else (opt.seed, "--seed")
+                if opt.fixed_code:
+                    offset = place
+                else:
+                    offset = made_by_job.get(id(job), 0) if has_own_seed else index
+                check_seed(base, where, offset)
+                batch.append(PlannedImage(job.prompt, settings[id(job)]["negative_prompt"], base + offset,
+                                          settings[id(job)], index))
+                made_by_job[id(job)] = made_by_job.get(id(job), 0) + 1
+                index += 1
+            batches.append(batch)
+        per_iteration_counts.append(len(groups))
+    return RunPlan(batches, per_iteration_counts, source_info=dict(jobs[0].info) if opt.metadata_from else {})
+
+
+def missing_checkpoint_message(ckpt: str) -> str:
+    """Where the checkpoint goes and which files fit, naming candidates found next to the expected place."""
+    folder = Path(ckpt).parent
+    found = sorted(name for name in os.listdir(folder) if name.lower().endswith(CHECKPOINT_SUFFIXES)) \
+        if folder.is_dir() else []
+    nearby = f"; found in {folder}: {', '.join(found[:5])} (pass one with --ckpt)" if found else ""
+    return (f"checkpoint {ckpt} not found: put a Stable Diffusion 1.x/2.x checkpoint there (e.g. sd-v1-4.ckpt, "
+            f"v1-5-pruned-emaonly.safetensors, v2-1_768-ema-pruned.safetensors, renamed to {Path(DEFAULT_CKPT).name} "
+            f"in {Path(DEFAULT_CKPT).parent}) or pass --ckpt PATH{nearby}")
+
+
+def check_files(opt: argparse.Namespace) -> None:
+    if not os.path.isfile(opt.ckpt):
+        raise UsageError(missing_checkpoint_message(opt.ckpt))
+    if opt.vae is not None and not os.path.isfile(opt.vae):
+        raise UsageError(f"--vae {opt.vae} not found: pass the path of an autoencoder .ckpt/.safetensors file")
+    if opt.safety_checker is not None and not os.path.isdir(opt.safety_checker):
+        raise UsageError(f"--safety_checker {opt.safety_checker} is not a folder: pass a local copy of a safety "
+                         f"checker (config.json, preprocessor_config.json and weights); nothing is downloaded")
+    if os.path.exists(opt.outdir) and not os.path.isdir(opt.outdir):
+        raise UsageError(f"--outdir {opt.outdir} is a file, not a folder: pick another --outdir")
+    if os.path.isfile(os.path.join(opt.outdir, "samples")):
+        raise UsageError(f"{os.path.join(opt.outdir, 'samples')} is a file, not a folder: pick another --outdir")
+
+
+def model_geometry(config: Any) -> tuple[int, int, int]:
+    """(autoencoder factor f, latent channels, UNet downsampling factor) from a model config (OmegaConf)."""
+    params = config.model.params
+    ddconfig = params.first_stage_config.params.ddconfig
+    f = 2 ** (len(ddconfig.ch_mult) - 1)
+    channels = int(params.unet_config.params.get("in_channels", params.get("channels", 4)))
+    unet_factor = 2 ** (len(params.unet_config.params.channel_mult) - 1)
+    return f, channels, unet_factor
+
+
+def ddim_steps_fit(steps: int, timesteps: int) -> bool:
+    """Whether DDIM/PLMS's uniform timesteps for `steps` stay inside the model's (CompVis's +1 shift can overshoot)."""
+    from ldm.models.diffusion.ddim import make_ddim_timesteps
+
+    return max(make_ddim_timesteps("uniform", steps, timesteps)) < timesteps
+
+
+def check_steps(plan: RunPlan, timesteps: int) -> None:
+    for image in plan.images:
+        steps, sampler = image.settings["steps"], image.settings["sampler"]
+        if sampler in ("ddim", "plms") and not ddim_steps_fit(steps, timesteps):
+            fits = [n for n in range(max(1, steps - 20), min(timesteps, steps + 20) + 1) if ddim_steps_fit(n, timesteps)]
+            nearest = min(fits, key=lambda n: (abs(n - steps), n)) if fits else 50
+            raise UsageError(f"{sampler} cannot take {steps} steps on this {timesteps}-step model (its uniform "
+                             f"timesteps, shifted by one as in CompVis, would end past the last): try {nearest}")
+
+
+def check_against_model(opt: argparse.Namespace, plan: RunPlan, config: Any) -> None:
+    """--f and --C must be the model's; every size must pass through the UNet's downsampling and back; DDIM/PLMS
+    step counts must fit the model's timesteps."""
+    check_steps(plan, int(config.model.params.get("timesteps", 1000)))
+    try:
+        f, channels, unet_factor = model_geometry(config)
+    except (AttributeError, KeyError, TypeError):  # a config of another shape: leave the checks to the model
+        return
+    if opt.f != f:
+        raise UsageError(f"--f {opt.f} does not match this model, whose autoencoder downsamples by {f}: pass --f {f}")
+    if opt.C != channels:
+        raise UsageError(f"--C {opt.C} does not match this model's {channels} latent channels: pass --C {channels}")
+    multiple = f * unet_factor
+    for image in plan.images:
+        for name in ("H", "W"):
+            value = image.settings[name]
+            if value % multiple:
+                raise UsageError(f"{name} {value} does not fit this model: sizes must be multiples of {multiple} "
+                                 f"(autoencoder {f}x, UNet {unet_factor}x): try {nearest_multiples(value, multiple)}")

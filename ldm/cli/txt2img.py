@@ -1,0 +1,237 @@
+"""`scripts/txt2img.py`: check everything, load the model once, sample batch by batch, save numbered images."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ldm.cli.arguments import UsageError, check_counts, parse_args
+from ldm.cli.generation import (GenerationError, black_images, decode_to_pixels, free_accelerator_memory,
+                                run_in_sub_batches)
+from ldm.cli.images import MissingDependency, Watermarker, make_grid
+from ldm.cli.metadata import ImageRecord, encode_png, parameters_text, sidecar_text
+from ldm.cli.outputs import (GRID_DIGITS, SAMPLE_DIGITS, next_grid_number, next_sample_number, replace_file,
+                             write_new_file)
+from ldm.cli.plan import (PlannedImage, RunPlan, apply_compat_flags, check_against_model, check_files,
+                          plan_batches, read_jobs)
+from ldm.cli.summary import RunSummary
+
+PROG = "txt2img.py"
+
+
+def note(message: str) -> None:
+    print(f"{PROG}: note: {message}", file=sys.stderr, flush=True)
+
+
+class Run:
+    """One checked run: the options, its plan, and the optional helpers (all set up before the model loads)."""
+
+    def __init__(self, opt: argparse.Namespace):
+        from ldm.devices import choose_device, choose_dtype
+        from ldm.loading import load_config, resolve_config
+
+        started = time.perf_counter()
+        apply_compat_flags(opt)
+        check_counts(opt)
+        self.opt = opt
+        self.plan: RunPlan = plan_batches(opt, read_jobs(opt))
+        check_files(opt)
+        try:
+            self.device = choose_device(opt.device)
+            self.dtype, precision_note = choose_dtype(opt.precision, self.device)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if precision_note:
+            note(precision_note)
+        self.config_path = resolve_config(opt.ckpt, opt.config, opt.v_prediction or None)
+        check_against_model(opt, self.plan, load_config(self.config_path))
+        self.watermarker = Watermarker() if opt.watermark else None
+        self.safety_checker = None
+        if opt.safety_checker:
+            from ldm.cli.safety import SafetyChecker
+            try:
+                self.safety_checker = SafetyChecker(opt.safety_checker)
+            except (OSError, ValueError) as error:
+                raise UsageError(f"--safety_checker {opt.safety_checker} cannot be loaded: "
+                                 f"{str(error).strip().splitlines()[0]}") from None
+        self.summary = RunSummary(self.device, self.dtype, started=started)
+        self.sample_dir = Path(opt.outdir) / "samples"
+        self.next_sample: int | None = None  # found when the first image is saved: nothing is written before
+        self.saved: list[Path] = []
+        self.watermark_failed = False
+
+    # --- model -----------------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        from ldm.loading import load_model
+
+        opt = self.opt
+        print(f"Loading model from {opt.ckpt} (config {self.config_path})", flush=True)
+        self.model = load_model(opt.ckpt, opt.config, device=self.device, dtype=self.dtype,
+                                use_ema=True if opt.ema else None, v_prediction=opt.v_prediction or None,
+                                vae=opt.vae, timings=self.summary.load)
+        self.model_name = Path(opt.ckpt).stem
+        self.model_hash = ""
+        if not opt.no_metadata:
+            from ldm.checkpoints import model_hash
+            self.model_hash = model_hash(opt.ckpt)
+        recorded = self.plan.source_info.get("model_hash")
+        if recorded and self.model_hash and recorded != self.model_hash:
+            note(f"{opt.metadata_from} was made with model hash {recorded}, this checkpoint is {self.model_hash}: "
+                 f"the image will differ")
+
+    # --- sampling --------------------------------------------------------------------------------------------------
+    def render(self, batch: list[PlannedImage]) -> np.ndarray:
+        """Pixels of `batch`, split into smaller sub-batches if memory runs out."""
+        settings = batch[0].settings
+        size = f"{settings['W']}x{settings['H']}"
+
+        def on_retry(size_now: int, half: int) -> None:
+            free_accelerator_memory(self.device)
+            note(f"out of memory with a batch of {size_now}: retrying in sub-batches of {half}")
+
+        def on_exhausted() -> str:
+            return (f"out of memory on {self.device} even for one {size} image: lower --H/--W, use --precision "
+                    f"autocast (fp16) or --bf16, free the GPU of other programs, or use --device cpu")
+
+        return run_in_sub_batches(self.render_exactly, batch, on_retry, on_exhausted)
+
+    def render_exactly(self, batch: list[PlannedImage]) -> np.ndarray:
+        from ldm.models.diffusion.noise import ImageNoise
+        from ldm.models.diffusion.samplers import sample
+
+        settings, model = batch[0].settings, self.model
+        start = time.perf_counter()
+        with torch.no_grad():
+            cond = model.get_learned_conditioning([image.prompt for image in batch])
+            uncond = None
+            if settings["scale"] != 1.0:
+                uncond = model.get_learned_conditioning([image.negative_prompt for image in batch])
+            shape = (len(batch), self.opt.C, settings["H"] // self.opt.f, settings["W"] // self.opt.f)
+            latents = sample(model, settings["sampler"], settings["steps"], shape, cond, uncond, settings["scale"],
+                             ImageNoise([image.seed for image in batch]), eta=settings["eta"])
+            torch.isfinite(latents).all().item()  # waits for the device, so the time below is the sampling time
+            sampled = time.perf_counter()
+            pixels = decode_to_pixels(model, latents, note)
+        self.summary.add_batch(len(batch), settings["steps"], sampled - start, time.perf_counter() - sampled)
+        return pixels
+
+    # --- saving ----------------------------------------------------------------------------------------------------
+    def record(self, image: PlannedImage) -> ImageRecord:
+        settings = image.settings
+        return ImageRecord(prompt=image.prompt, negative_prompt=image.negative_prompt, steps=settings["steps"],
+                           sampler=settings["sampler"], scale=settings["scale"], seed=image.seed, H=settings["H"],
+                           W=settings["W"], eta=settings["eta"], model=self.model_name, model_hash=self.model_hash,
+                           vae=Path(self.opt.vae).name if self.opt.vae else None)
+
+    def finish_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, list[bool]]:
+        """Safety checker (flagged images become black) and watermark; returns the pixels and the flags."""
+        flagged = self.safety_checker.flags(list(pixels)) if self.safety_checker else [False] * len(pixels)
+        pixels = pixels.copy()
+        for index, flag in enumerate(flagged):
+            if flag:
+                pixels[index] = 0
+        if self.watermarker is not None:
+            for index in range(len(pixels)):
+                try:
+                    pixels[index] = self.watermarker.apply(pixels[index])
+                except Exception as error:  # noqa: BLE001 - e.g. images under 256x256, which DWT-DCT refuses
+                    if not self.watermark_failed:
+                        note(f"the watermark could not be added ({error}); images are saved without it")
+                    self.watermark_failed = True
+        return pixels, flagged
+
+    def save_sample(self, pixels: np.ndarray, image: PlannedImage) -> Path:
+        record = self.record(image)
+        metadata = None if self.opt.no_metadata else parameters_text(record)
+        if self.next_sample is None:
+            self.next_sample = next_sample_number(self.sample_dir)
+        path, number = write_new_file(self.sample_dir, f"{{:0{SAMPLE_DIGITS}d}}.png", self.next_sample,
+                                      encode_png(pixels, metadata))
+        self.next_sample = number + 1
+        if metadata is not None:  # the PNG holds the number, so the sidecar of that number is this run's
+            replace_file(path.with_suffix(".yaml"), sidecar_text(record.to_mapping()).encode("utf-8"))
+        self.saved.append(path)
+        return path
+
+    def save_grid(self, grid_images: list[np.ndarray], records: list[dict[str, Any]]) -> Path:
+        outdir = Path(self.opt.outdir)
+        per_row = self.opt.n_rows if self.opt.n_rows > 0 else self.opt.n_samples
+        first = ImageRecord.from_mapping(records[0])
+        metadata = None if self.opt.no_metadata else parameters_text(first)
+        path, number = write_new_file(outdir, f"grid-{{:0{GRID_DIGITS}d}}.png", next_grid_number(outdir),
+                                      encode_png(make_grid(grid_images, per_row), metadata))
+        if metadata is not None:
+            replace_file(path.with_suffix(".yaml"), sidecar_text({"images": records}).encode("utf-8"))
+        return path
+
+    # --- the run ---------------------------------------------------------------------------------------------------
+    def generate(self) -> None:
+        from tqdm import tqdm
+
+        opt = self.opt
+        grid_images: list[np.ndarray] = []
+        records: list[dict[str, Any]] = []
+        batches = iter(self.plan.batches)
+        for iteration in tqdm(range(opt.n_iter), desc="Sampling", disable=opt.n_iter == 1):
+            for _ in tqdm(range(self.plan.batches_per_iteration[iteration]), desc="data", leave=False):
+                batch = next(batches)
+                pixels, flagged = self.finish_pixels(self.render(batch))
+                black = black_images(pixels)
+                for image, image_pixels, was_flagged, is_black in zip(batch, pixels, flagged, black):
+                    label = f"image {image.index} (seed {image.seed})"
+                    entry = self.record(image).to_mapping()
+                    if not opt.skip_save:
+                        path = self.writing(self.save_sample, image_pixels, image)
+                        label, entry["file"] = str(path), f"samples/{path.name}"
+                    if was_flagged:
+                        note(f"{label}: flagged by the safety checker, replaced by a black image")
+                    elif is_black:
+                        note(f"{label}: the model produced an entirely black image")
+                    if not opt.skip_grid:
+                        grid_images.append(image_pixels)
+                        records.append(entry)
+        if grid_images:
+            self.saved.append(self.writing(self.save_grid, grid_images, records))
+
+    def writing(self, save: Any, *args: Any) -> Path:
+        """`save(*args)`, with a full disk or a read-only folder reported in one line (earlier files stay)."""
+        try:
+            return save(*args)
+        except OSError as error:
+            raise GenerationError(f"cannot write to {self.opt.outdir}: {error.strerror or error}; free some space "
+                                  f"or pick another --outdir") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run txt2img with command-line `argv`; returns the exit status (0 done, 1 failed, 2 bad input)."""
+    from ldm.checkpoints import CheckpointError
+    from ldm.loading import LoadError
+    from ldm.cli.prompts import PromptFileError
+
+    run = None
+    try:
+        opt = parse_args(argv)
+        run = Run(opt)
+        run.load()
+        run.generate()
+    except SystemExit as exit_request:  # --help
+        return exit_request.code if isinstance(exit_request.code, int) else 0
+    except (UsageError, LoadError, CheckpointError, PromptFileError, MissingDependency) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except GenerationError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        saved = len(run.saved) if run is not None else 0
+        print(f"{PROG}: interrupted; {saved} file(s) were saved completely, none partially", file=sys.stderr)
+        return 130
+    for line in run.summary.lines():
+        print(line)
+    print(f"Your samples are ready and waiting for you here: \n{run.opt.outdir} \n \nEnjoy.")
+    return 0
