@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ldm.checkpoints import CheckpointError, read_checkpoint, read_shapes
+from ldm.checkpoints import CheckpointError, PageReleaser, read_checkpoint, read_shapes
 from ldm.util import instantiate_from_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
@@ -73,12 +73,16 @@ def looks_like_v_prediction(ckpt_path: str | os.PathLike) -> bool:
 
 def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = None,
                    v_prediction: bool | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Path:
-    """The config to use: the given one, or the released config that fits the checkpoint's keys."""
+    """The config to use: the given one, else `<checkpoint name>.yaml` beside the file, else the released config that
+    fits the checkpoint's keys."""
     if config is not None:
         path = Path(config)
         if not path.is_file():
             raise LoadError(f"config {config} does not exist (released configs are in {CONFIG_DIR})")
         return path
+    beside = Path(ckpt).with_suffix(".yaml")
+    if beside.is_file():  # a config next to the checkpoint, under its name, is the checkpoint's own (as in other tools)
+        return beside
     try:
         family = detect_family(shapes if shapes is not None else read_shapes(ckpt))
     except CheckpointError as error:
@@ -102,10 +106,23 @@ def load_config(path: str | os.PathLike) -> Any:
     return config
 
 
+# Initialisers that layers call from `reset_parameters`. On meta tensors they do nothing useful, and some of them
+# (normal_) import torch._dynamo on first use, which alone costs seconds; they are skipped for meta tensors.
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "orthogonal_", "constant_", "ones_", "zeros_")
+
+
+def _skipping_meta(initialiser: Any) -> Any:
+    def initialise(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor if tensor.is_meta else initialiser(tensor, *args, **kwargs)
+    return initialise
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Build modules with parameters on the meta device (no allocation, no random init); buffers stay real."""
     register = nn.Module.register_parameter
+    initialisers = {name: getattr(nn.init, name) for name in _INITIALISERS}
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None and param.device.type != "meta":
@@ -113,10 +130,14 @@ def parameters_on_meta() -> Iterator[None]:
         register(module, name, param)
 
     nn.Module.register_parameter = register_on_meta
+    for name, initialiser in initialisers.items():
+        setattr(nn.init, name, _skipping_meta(initialiser))
     try:
         yield
     finally:
         nn.Module.register_parameter = register
+        for name, initialiser in initialisers.items():
+            setattr(nn.init, name, initialiser)
 
 
 def select_ema(state_dict: dict[str, torch.Tensor], use_ema: bool) -> dict[str, torch.Tensor]:
@@ -186,8 +207,14 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], config_
 
 def assign_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], device: torch.device,
                    dtype: torch.dtype) -> None:
-    """Put the checkpoint's tensors in place of the meta parameters, converted straight to device and dtype."""
+    """Put the checkpoint's tensors in place of the meta parameters, converted straight to device and dtype.
+
+    Tensors already in the right dtype on the CPU are used as they are (views of the memory-mapped file, read on
+    first use); converted ones give their mapped pages back as they go, so a converting load peaks near the size
+    of the result rather than file plus result.
+    """
     expected = model.state_dict()
+    releaser = PageReleaser()
     converted = {}
     for key, reference in expected.items():
         value = state_dict.get(key, reference)
@@ -196,6 +223,8 @@ def assign_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], dev
         else:
             target_dtype = dtype if value.is_floating_point() else value.dtype
         converted[key] = value.to(device=device, dtype=target_dtype)
+        if converted[key] is not value:
+            releaser.release(value)
     model.load_state_dict(converted, strict=True, assign=True)
     model.to(device)  # buffers that are not in the state dict (masks, caches)
     leftovers = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]

@@ -240,3 +240,11 @@ def test_model_hash_is_sha256_prefix_and_cached(tiny_checkpoint, tmp_path, monke
     assert model_hash(tiny_checkpoint) == expected
     assert (tmp_path / "latent-diffusion" / "model-hashes.json").is_file()
     assert model_hash(tiny_checkpoint) == expected
+
+
+def test_config_beside_the_checkpoint_is_its_own(tiny_checkpoints, tmp_path):
+    checkpoint = Path(shutil.copy(tiny_checkpoints["v2", ".safetensors"], tmp_path / "custom.safetensors"))
+    assert resolve_config(checkpoint).name == "v2-inference.yaml"
+    shutil.copy(V2, tmp_path / "custom.yaml")
+    assert resolve_config(checkpoint) == tmp_path / "custom.yaml"
+    assert load_model(checkpoint).dtype == torch.float32

@@ -84,10 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fixed_code", action="store_true", help="use the same starting code for every batch (see seeds below)")
     add("--ddim_eta", type=float, default=0.0, help="ddim eta (0.0 is deterministic sampling)")
     add("--n_iter", type=int, default=2, help="sample this often")
-    add("--H", type=int, default=512, help="image height, in pixel space")
-    add("--W", type=int, default=512, help="image width, in pixel space")
-    add("--C", type=int, default=4, help="latent channels")
-    add("--f", type=int, default=8, help="downsampling factor of the autoencoder")
+    add("--H", type=int, default=None,
+        help="image height, in pixel space (default: 512), or the model's own size when its config says another")
+    add("--W", type=int, default=None,
+        help="image width, in pixel space (default: 512), or the model's own size when its config says another")
+    add("--C", type=int, default=None, help="latent channels (default: 4), or the model's own when its config says another")
+    add("--f", type=int, default=None,
+        help="downsampling factor of the autoencoder (default: 8), or the model's own when its config says another")
     add("--n_samples", type=int, default=3, help="how many samples to produce for each given prompt; batch size")
     add("--n_rows", type=int, default=0, help="images per grid row (0: n_samples, one batch a row)")
     add("--scale", type=float, default=7.5,
@@ -131,7 +134,7 @@ def check_counts(opt: argparse.Namespace) -> None:
     """The run-wide numbers that must be positive (or zero)."""
     for flag, minimum in (("n_iter", 1), ("n_samples", 1), ("repeat", 1), ("n_rows", 0), ("C", 1), ("f", 1)):
         value = getattr(opt, flag)
-        if value < minimum:
+        if value is not None and value < minimum:
             raise UsageError(f"--{flag} {value} is too small: it must be at least {minimum}")
 
 

@@ -151,6 +151,24 @@ def check_files(opt: argparse.Namespace) -> None:
         raise UsageError(f"{os.path.join(opt.outdir, 'samples')} is a file, not a folder: pick another --outdir")
 
 
+SD_DEFAULTS = {"f": 8, "C": 4, "H": 512, "W": 512}  # the CompVis flag defaults, which every SD config agrees with
+
+
+def fill_model_defaults(opt: argparse.Namespace, config: Any | None) -> None:
+    """--f, --C, --H and --W that were not given: the model's own (f, latent channels, image_size x f)."""
+    values = dict(SD_DEFAULTS)
+    if config is not None:
+        try:
+            f, channels, _ = model_geometry(config)
+            size = int(config.model.params.get("image_size", SD_DEFAULTS["H"] // f)) * f
+            values = {"f": f, "C": channels, "H": size, "W": size}
+        except (AttributeError, KeyError, TypeError, ValueError):  # another kind of config: CompVis defaults
+            pass
+    for flag, value in values.items():
+        if getattr(opt, flag) is None:
+            setattr(opt, flag, value)
+
+
 def model_geometry(config: Any) -> tuple[int, int, int]:
     """(autoencoder factor f, latent channels, UNet downsampling factor) from a model config (OmegaConf)."""
     params = config.model.params

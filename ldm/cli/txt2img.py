@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from ldm.cli.metadata import ImageRecord, encode_png, parameters_text, sidecar_t
 from ldm.cli.outputs import (GRID_DIGITS, SAMPLE_DIGITS, next_grid_number, next_sample_number, replace_file,
                              write_new_file)
 from ldm.cli.plan import (PlannedImage, RunPlan, apply_compat_flags, check_against_model, check_files,
-                          plan_batches, read_jobs)
+                          fill_model_defaults, plan_batches, read_jobs)
 from ldm.cli.summary import RunSummary
 
 PROG = "txt2img.py"
@@ -37,6 +38,7 @@ class Run:
 
         started = time.perf_counter()
         apply_compat_flags(opt)
+        fill_model_defaults(opt, self.peek_config(opt))
         check_counts(opt)
         self.opt = opt
         self.plan: RunPlan = plan_batches(opt, read_jobs(opt))
@@ -64,6 +66,18 @@ class Run:
         self.next_sample: int | None = None  # found when the first image is saved: nothing is written before
         self.saved: list[Path] = []
         self.watermark_failed = False
+
+    @staticmethod
+    def peek_config(opt: argparse.Namespace) -> Any | None:
+        """The model's config when the checkpoint can be read already; problems are reported in their turn later."""
+        from ldm.loading import LoadError, load_config, resolve_config
+
+        if not os.path.isfile(opt.ckpt):
+            return None
+        try:
+            return load_config(resolve_config(opt.ckpt, opt.config, opt.v_prediction or None))
+        except LoadError:
+            return None
 
     # --- model -----------------------------------------------------------------------------------------------------
     def load(self) -> None:
