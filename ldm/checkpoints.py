@@ -6,10 +6,13 @@ callback record, numpy scalars) are allowed by name and rebuilt as inert stand-i
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import mmap
 import os
 import pickle
+import sys
 import zipfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,6 +22,11 @@ import numpy as np
 import torch
 
 SAFETENSORS, TORCH_ZIP, TORCH_LEGACY = "safetensors", "torch-zip", "torch-legacy"
+# safetensors dtype names (https://github.com/huggingface/safetensors, format section)
+SAFETENSORS_DTYPES = {name: getattr(torch, attribute) for name, attribute in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")) if hasattr(torch, attribute)}
 
 
 class CheckpointError(Exception):
@@ -100,17 +108,56 @@ def unwrap_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return tensors, extras
 
 
+def _safetensors_header(handle: Any, path: str | os.PathLike, size: int) -> tuple[dict[str, Any], int]:
+    """The header's tensor entries and the offset where tensor data starts, validated against the file size."""
+    length = int.from_bytes(handle.read(8), "little")
+    try:
+        header = json.loads(handle.read(length))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: its safetensors header is damaged ({error}); "
+                              "is the file complete?") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + length
+    for key, entry in header.items():
+        begin, end = entry["data_offsets"]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key} has dtype {entry['dtype']}, which this PyTorch cannot hold")
+        numel = 1
+        for dim in entry["shape"]:
+            numel *= dim
+        if end - begin != numel * SAFETENSORS_DTYPES[entry["dtype"]].itemsize or data_start + end > size:
+            raise CheckpointError(f"cannot read {path}: tensor {key} lies outside the file (is the file complete?)")
+    return header, data_start
+
+
+def _map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file as a view of one private (copy-on-write) memory map of it: nothing is
+    read until used, and pages already read are shared with the OS file cache."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        header, data_start = _safetensors_header(handle, path, size)
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    whole = torch.frombuffer(mapped, dtype=torch.uint8)  # holds a reference to the map, which lives as long as it
+    tensors = {}
+    for key, entry in header.items():
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        raw = whole[data_start + begin:data_start + end]
+        if (data_start + begin) % dtype.itemsize:
+            raw = raw.clone()  # a view must start at a multiple of its element size; writers normally align
+        tensors[key] = raw.view(dtype).view(entry["shape"])
+    return tensors
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict, extras) of a checkpoint on the CPU; .ckpt zip files and .safetensors are memory-mapped."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     file_format = detect_format(path)
     if file_format == SAFETENSORS:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
-            return load_file(str(path), device="cpu"), {}
-        except (SafetensorError, OSError, ValueError) as error:
+            return _map_safetensors(path), {}
+        except (KeyError, TypeError, ValueError, OSError) as error:
             raise CheckpointError(f"cannot read {path}: {error} (is the file complete?)") from None
     return unwrap_state_dict(_torch_load(path, file_format))
 
@@ -120,11 +167,77 @@ def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     if detect_format(path) == SAFETENSORS:
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        with open(path, "rb") as handle:
+            try:
+                header, _ = _safetensors_header(handle, path, os.path.getsize(path))
+            except (KeyError, TypeError, ValueError) as error:
+                raise CheckpointError(f"cannot read {path}: {error} (is the file complete?)") from None
+        return {key: tuple(entry["shape"]) for key, entry in header.items()}
     state_dict, _ = read_checkpoint(path)
     return {key: tuple(value.shape) for key, value in state_dict.items()}
+
+
+def _file_mapped_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from regular files (Linux /proc/self/maps; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.readlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+class PageReleaser:
+    """Gives back the memory-mapped checkpoint pages of tensors whose values now live elsewhere.
+
+    Converting a mapped checkpoint (fp16 file -> fp32 model, or to another device) or repacking its weights reads
+    every page, and those pages count towards the process's memory until the whole map is dropped. The pages wholly
+    inside a tensor are returned with madvise(MADV_DONTNEED) if the kernel reports them as unmodified file pages
+    (/proc/self/pagemap): touching them again re-reads the same bytes from the file. Pages written to since the file
+    was mapped (a weight changed in place) are private copies and are always kept. Where Linux's /proc is not
+    available this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._ranges = []
+        self._madvise = self._pagemap = None
+        if sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._pagemap = open("/proc/self/pagemap", "rb", buffering=0)
+                self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+                self._madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+                self._ranges = _file_mapped_ranges()
+            except (OSError, AttributeError):
+                self._ranges = []
+        self._page = mmap.PAGESIZE
+
+    def __del__(self) -> None:
+        if self._pagemap is not None:
+            self._pagemap.close()
+
+    def release(self, tensor: torch.Tensor) -> None:
+        if not self._ranges or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        first, last = -(-start // self._page) * self._page, end // self._page * self._page
+        if last <= first or not any(low <= first and last <= high for low, high in self._ranges):
+            return
+        self._pagemap.seek(first // self._page * 8)
+        entries = np.frombuffer(self._pagemap.read((last - first) // self._page * 8), dtype=np.uint64)
+        # bit 63: present; bit 61: a file page (not a private copy made by a write)
+        clean = ((entries >> np.uint64(63)) & np.uint64(1)).astype(bool) & \
+            ((entries >> np.uint64(61)) & np.uint64(1)).astype(bool)
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], clean, [False]]).astype(np.int8)))
+        for run_start, run_end in zip(edges[::2], edges[1::2]):
+            self._madvise(first + int(run_start) * self._page, int(run_end - run_start) * self._page,
+                          mmap.MADV_DONTNEED)
 
 
 def _cache_file() -> Path:
