@@ -126,7 +126,8 @@ def test_optional_packages_missing(failing_cli, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "imwatermark", None)  # None in sys.modules makes the import fail
     assert "--watermark needs the invisible-watermark package: pip install invisible-watermark" in failing_cli(
         "--watermark")
-    monkeypatch.setitem(sys.modules, "diffusers", None)
+    # None in sys.modules makes the import fail, also when other tests imported diffusers already
+    monkeypatch.setitem(sys.modules, "diffusers.pipelines.stable_diffusion.safety_checker", None)
     (tmp_path / "checker").mkdir()
     assert "--safety_checker needs the diffusers and transformers packages" in failing_cli(
         "--safety_checker", tmp_path / "checker")
