@@ -8,6 +8,7 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.optimize.vae import VaeTiling, decode_tiled
 
 
 class AutoencoderKL(nn.Module):
@@ -28,6 +29,9 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.embed_dim = embed_dim
+        # memory modes, set by ldm.optimize.enable_vae_tiling / enable_vae_slicing
+        self.tiling: VaeTiling | None = None
+        self.decode_one_at_a_time = False
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Images (b, in_channels, H, W) in [-1, 1] -> posterior over latents (b, embed_dim, H/f, W/f)."""
@@ -38,7 +42,15 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (b, embed_dim, h, w) -> images (b, out_ch, h*f, w*f), roughly in [-1, 1]."""
         z = z.to(self.post_quant_conv.weight.dtype)
-        return self.decoder(self.post_quant_conv(z))
+        if self.decode_one_at_a_time and z.shape[0] > 1:
+            return torch.cat([self._decode(one) for one in z.split(1)])
+        return self._decode(z)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.post_quant_conv(z)
+        if self.tiling is not None and max(z.shape[-2:]) > self.tiling.tile:
+            return decode_tiled(self.decoder, z, self.tiling)
+        return self.decoder(z)
 
     def forward(self, input: torch.Tensor, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:

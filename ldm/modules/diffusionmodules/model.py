@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.attention import attention, linear, stacked_weight
+
 # "vanilla-xformers" is what the SD 2.x code calls the same attention when xformers is installed; its weights are
 # identical, and scaled_dot_product_attention already picks a memory-efficient kernel where one exists.
 SUPPORTED_ATTN_TYPES = ("vanilla", "vanilla-xformers")
@@ -19,6 +21,11 @@ SUPPORTED_ATTN_TYPES = ("vanilla", "vanilla-xformers")
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
     """Swish / SiLU, the only activation of the autoencoder."""
     return F.silu(x)
+
+
+def nonlinearity_(x: torch.Tensor) -> torch.Tensor:
+    """`nonlinearity` in place, for fresh tensors nothing else refers to."""
+    return F.silu(x, inplace=True)
 
 
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
@@ -83,24 +90,29 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(nonlinearity(self.norm1(x)))
+        # norm and convolution outputs are fresh tensors autograd does not keep: activate and add in place
+        h = self.conv1(nonlinearity_(self.norm1(x)))
         if temb is not None:
             if not hasattr(self, "temb_proj"):
                 raise ValueError("this ResnetBlock was built with temb_channels=0; call it with temb=None")
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]  # (b, c) -> (b, c, 1, 1)
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        h = self.conv2(self.dropout(nonlinearity_(self.norm2(h))))
 
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h
+        return h.add_(x)
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels, with 1x1-convolution projections `q`, `k`, `v`, `proj_out`."""
+    """Single-head self-attention over all pixels, with 1x1-convolution projections `q`, `k`, `v`, `proj_out`.
+
+    `attention_slice` (None: off) bounds how many pixels attend at once; see ldm.modules.attention.attention.
+    """
 
     def __init__(self, in_channels: int):
         super().__init__()
         self.in_channels = in_channels
+        self.attention_slice: int | None = None
         self.norm = Normalize(in_channels)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
@@ -109,12 +121,22 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
+        b, c, height, width = h.shape
+        if h.is_contiguous(memory_format=torch.channels_last):
+            # channels-last pixels already are tokens (b, h*w, c); the 1x1 convolutions are matrix products on them
+            tokens = h.permute(0, 2, 3, 1).reshape(b, 1, height * width, c)
+            weight = stacked_weight(self.q.weight, self.k.weight, self.v.weight)
+            bias = stacked_weight(self.q.bias, self.k.bias, self.v.bias)
+            if weight is not None and bias is not None:
+                q, k, v = linear(tokens, weight.flatten(1), bias).chunk(3, dim=-1)
+            else:
+                q, k, v = (linear(tokens, conv.weight.flatten(1), conv.bias) for conv in (self.q, self.k, self.v))
+            h = linear(attention(q, k, v, self.attention_slice), self.proj_out.weight.flatten(1), self.proj_out.bias)
+            return h.view(b, height, width, c).permute(0, 3, 1, 2).add_(x)  # (b, 1, h*w, c) -> (b, c, h, w)
         q, k, v = self.q(h), self.k(h), self.v(h)
-
-        b, c, height, width = q.shape
         # (b, c, h, w) -> (b, 1, h*w, c): one head whose tokens are the pixels; SDPA's default scale is c**-0.5
         q, k, v = (t.reshape(b, 1, c, height * width).transpose(2, 3) for t in (q, k, v))
-        h = F.scaled_dot_product_attention(q, k, v)
+        h = attention(q, k, v, self.attention_slice)
         # (b, 1, h*w, c) -> (b, c, h, w)
         h = h.transpose(2, 3).reshape(b, c, height, width)
         return x + self.proj_out(h)
@@ -155,6 +177,7 @@ class Encoder(nn.Module):
         self.num_res_blocks = num_res_blocks
         self.resolution = resolution
         self.in_channels = in_channels
+        self.channels_last = False  # activations in channels-last layout (ldm.optimize.channels_last)
 
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
 
@@ -188,7 +211,7 @@ class Encoder(nn.Module):
                                   kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         for level, stage in enumerate(self.down):
             for index, block in enumerate(stage.block):
                 h = block(h)
@@ -198,7 +221,7 @@ class Encoder(nn.Module):
                 h = stage.downsample(h)
 
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        return self.conv_out(nonlinearity_(self.norm_out(h))).contiguous()
 
 
 class Decoder(nn.Module):
@@ -222,6 +245,7 @@ class Decoder(nn.Module):
         self.in_channels = in_channels
         self.give_pre_end = give_pre_end
         self.tanh_out = tanh_out
+        self.channels_last = False  # activations in channels-last layout (ldm.optimize.channels_last)
 
         block_in = ch * ch_mult[-1]
         current_resolution = resolution // 2 ** (self.num_resolutions - 1)
@@ -256,7 +280,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
+        h = self.conv_in(z.contiguous(memory_format=torch.channels_last) if self.channels_last else z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
 
         for level in reversed(range(self.num_resolutions)):
@@ -270,5 +294,5 @@ class Decoder(nn.Module):
 
         if self.give_pre_end:
             return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
+        h = self.conv_out(nonlinearity_(self.norm_out(h))).contiguous()
         return torch.tanh(h) if self.tanh_out else h

@@ -1,0 +1,465 @@
+"""Benchmark this project against diffusers on the same weights, and its loader against the CompVis-style load.
+
+    python scripts/benchmark.py                                  # CPU, fp32, 256x256, 20 DDIM steps, random weights
+    python scripts/benchmark.py --ckpt sd-v1-5.safetensors --device cuda --precision fp16 --size 512 --steps 50
+
+Without --ckpt a full-size random checkpoint in the config's layout is written to a temporary folder (deleted
+afterwards), as .ckpt and .safetensors. Every load runs in a fresh process (so its peak RSS is its own), alternating
+the CompVis-style load (torch.load, build with random init, load_state_dict) with this project's. Sampling runs
+each pipeline in its own process, loaded once and warmed up, then alternates runs between them with the same
+prompt, size, steps, DDIM sampler, guidance, precision and starting noise; medians are reported, and the images of
+the two pipelines are compared to show they did the same work.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--ckpt", help="checkpoint to use (default: write a full-size random one)")
+    add("--config", default=str(DEFAULT_CONFIG), help="model config (default: %(default)s)")
+    add("--size", type=int, default=256, help="image height and width in pixels (default: %(default)s)")
+    add("--steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
+    add("--scale", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    add("--precision", choices=sorted(PRECISIONS), default="fp32")
+    add("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
+    add("--runs", type=int, default=3, help="measured runs per pipeline, alternating (default: %(default)s)")
+    add("--warmup", type=int, default=1, help="unmeasured runs per pipeline first (default: %(default)s)")
+    add("--load-runs", type=int, default=3, help="loads per loader and format, alternating (default: %(default)s)")
+    add("--threads", type=int, default=None, help="torch CPU threads in every worker (default: torch's)")
+    add("--prompt", default="a photograph of an astronaut riding a horse")
+    add("--seed", type=int, default=42)
+    add("--plain", action="store_true", help="also time this project without its fast paths")
+    add("--compile", action="store_true", help="also time this project under torch.compile (warm-up reported)")
+    add("--memory-modes", action="store_true", help="also time each memory mode (peak memory per mode)")
+    add("--skip-load", action="store_true", help="skip the load benchmark")
+    add("--skip-sampling", action="store_true", help="skip the sampling benchmark")
+    add("--skip-diffusers", action="store_true", help="do not run diffusers")
+    add("--workdir", help="where to write the random checkpoint (default: a temporary folder, deleted after)")
+    add("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.size % 8 or args.size < 64:
+        parser.error(f"--size must be a multiple of 8 and at least 64, got {args.size}")
+    if args.runs < 1 or args.steps < 1:
+        parser.error("--runs and --steps must be at least 1")
+    return args
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------------
+def write_random_checkpoint(config_path: str, folder: Path, dtype: torch.dtype, seed: int = 0) -> dict[str, Path]:
+    """Random weights in the config's full-size key layout, as .ckpt (Lightning-style) and .safetensors."""
+    from safetensors.torch import save_file
+
+    from ldm.loading import load_config, parameters_on_meta
+    from ldm.util import instantiate_from_config
+
+    with parameters_on_meta():
+        model = instantiate_from_config(load_config(config_path).model)
+    parameters = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for name, reference in model.state_dict().items():
+        if name not in parameters:
+            state_dict[name] = reference.clone()
+            continue
+        value = torch.randn(reference.shape, generator=generator)
+        if reference.dim() > 1:  # unit-gain matrices keep activations in range through deep stacks
+            value.mul_(reference[0].numel() ** -0.5)
+        else:
+            value.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)  # norm gains near 1, small biases
+        state_dict[name] = value.to(dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {".ckpt": folder / "random-sd.ckpt", ".safetensors": folder / "random-sd.safetensors"}
+    torch.save({"state_dict": state_dict, "global_step": 0}, paths[".ckpt"])
+    save_file(state_dict, str(paths[".safetensors"]))
+    return paths
+
+
+def max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "max_memory_allocated"
+    return max_rss_bytes(), "max RSS"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- loading ---------------------------------------------------------------------------------------------------------
+def load_worker(kind: str, path: str, config: str, device: str, dtype_name: str, threads: int | None) -> dict:
+    """One load in this (fresh) process: time, time until every weight has been read, peak RSS."""
+    if threads:
+        torch.set_num_threads(threads)
+    from omegaconf import OmegaConf
+
+    from ldm.loading import load_model
+    from ldm.util import instantiate_from_config
+    device, dtype = torch.device(device), PRECISIONS[dtype_name]
+    config_yaml = OmegaConf.load(config)
+    baseline = max_rss_bytes()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if kind == "compvis":
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state_dict = load_file(path)
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        model = instantiate_from_config(config_yaml.model)
+        model.load_state_dict(state_dict, strict=False)
+        del state_dict
+        model = model.to(device, dtype).eval()
+    else:
+        model = load_model(path, config_yaml, device=device, dtype=dtype, timings=timings)
+    synchronize(device)
+    loaded = time.perf_counter()
+    peak = max_rss_bytes()
+    with torch.no_grad():  # read one element per 4 KiB page of every weight: forces memory-mapped pages in
+        for tensor in model.state_dict().values():
+            flat = tensor.reshape(-1)
+            flat[::max(1, 4096 // flat.element_size())].float().sum().item()
+    return dict(kind=kind, load_s=loaded - start, touched_s=time.perf_counter() - start, timings=timings,
+                peak_rss=peak, peak_rss_after_touch=max_rss_bytes(), baseline_rss=baseline)
+
+
+def _call_in_fresh_process(function, *args) -> dict:
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(function, args)
+
+
+def run_load_benchmark(args: argparse.Namespace, files: dict[str, Path]) -> list[dict]:
+    results = []
+    for suffix, path in files.items():
+        size = path.stat().st_size
+        for repeat in range(args.load_runs):
+            for kind in ("compvis", "ours"):
+                result = _call_in_fresh_process(load_worker, kind, str(path), args.config, args.device,
+                                                args.precision, args.threads)
+                result.update(format=suffix, file_bytes=size, repeat=repeat)
+                print(f"  load {suffix:12s} {kind:8s} {result['load_s']:7.2f} s (all weights read after "
+                      f"{result['touched_s']:6.2f} s), peak RSS {result['peak_rss'] / 2**30:5.2f} GiB", flush=True)
+                results.append(result)
+    return results
+
+
+# --- pipelines -------------------------------------------------------------------------------------------------------
+class OurPipeline:
+    """Prompt -> image with this project: load_model, fast paths (unless plain), DDIM, decode."""
+
+    def __init__(self, ckpt: str, config: str, device: torch.device, dtype: torch.dtype, variant: str):
+        from ldm.loading import load_model
+        from ldm.models.diffusion.ddim import DDIMSampler
+        from ldm import optimize
+        self.model = load_model(ckpt, config, device=device, dtype=dtype)
+        self.applied = [] if variant == "plain" else optimize.apply_fast_paths(self.model, device)
+        if variant == "compile":
+            self.applied += [f"torch.compile({', '.join(optimize.compile_model(self.model))})"]
+        elif variant in MEMORY_MODES:
+            apply_memory_mode(self.model, variant, device)
+            self.applied.append(variant)
+        self.sampler = DDIMSampler(self.model)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, x_T: torch.Tensor, steps: int, scale: float) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        cond = self.model.get_learned_conditioning([prompt])
+        uncond = self.model.get_learned_conditioning([""])
+        latents, _ = self.sampler.sample(S=steps, batch_size=1, shape=list(x_T.shape[1:]), conditioning=cond,
+                                         unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+                                         eta=0.0, x_T=x_T, verbose=False)
+        synchronize(x_T.device)
+        denoised = time.perf_counter()
+        images = self.model.decode_first_stage(latents)
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu(), denoised - start
+
+
+MEMORY_MODES = ("attention slicing", "vae tiling", "vae slicing", "model offload", "sequential offload")
+
+
+def apply_memory_mode(model: torch.nn.Module, mode: str, device: torch.device) -> None:
+    from ldm import optimize
+    if mode == "attention slicing":
+        optimize.enable_attention_slicing(model)
+    elif mode == "vae tiling":
+        optimize.enable_vae_tiling(model, tile=32, overlap=8)  # 256-pixel tiles, so that 512x512 images are tiled
+    elif mode == "vae slicing":
+        optimize.enable_vae_slicing(model)
+    elif mode == "model offload":
+        optimize.enable_model_offload(model, device)
+    elif mode == "sequential offload":
+        optimize.enable_sequential_offload(model, device)
+
+
+def write_hf_tokenizer_files(folder: Path) -> None:
+    """vocab.json / merges.txt of the CLIP BPE, derived from this project's vocabulary (no download)."""
+    from ldm.modules.encoders.clip_tokenizer import NUM_MERGES, VOCABULARY_PATH, byte_to_unicode
+    merges = gzip.open(VOCABULARY_PATH, "rt", encoding="utf-8").read().split("\n")[1:NUM_MERGES + 1]
+    characters = list(byte_to_unicode().values())
+    tokens = characters + [c + "</w>" for c in characters] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+class DiffusersPipeline:
+    """diffusers' StableDiffusionPipeline (default SDPA attention) built offline from the same checkpoint."""
+
+    def __init__(self, ckpt: str, config: str, device: torch.device, dtype: torch.dtype, variant: str):
+        import transformers
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers.loaders import single_file_utils as convert
+        from omegaconf import OmegaConf
+
+        from ldm.checkpoints import read_checkpoint
+        original = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+        params = original["model"]["params"]
+        if "FrozenCLIPEmbedder" not in params["cond_stage_config"]["target"]:
+            raise SystemExit("the diffusers comparison supports SD 1.x configs (CLIP ViT-L text encoder)")
+        checkpoint, _ = read_checkpoint(ckpt)
+        unet_config = convert.create_unet_diffusers_config_from_ldm(original, checkpoint)
+        vae_config = convert.create_vae_diffusers_config_from_ldm(original, checkpoint)
+        with torch.device("meta"):  # the large models are built without random init, as ours are
+            unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
+        unet.load_state_dict(convert.convert_ldm_unet_checkpoint(checkpoint, unet_config), assign=True)
+        vae.load_state_dict(convert.convert_ldm_vae_checkpoint(checkpoint, vae_config), assign=True)
+        text_params = params["cond_stage_config"].get("params", {})
+        width, layers, heads = (text_params.get(k, d) for k, d in (("width", 768), ("layers", 12), ("heads", 12)))
+        text_config = transformers.CLIPTextConfig(
+            vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+        text_encoder = transformers.CLIPTextModel(text_config)
+        text_weights = convert.convert_ldm_clip_checkpoint(checkpoint)
+        if not hasattr(text_encoder, "text_model"):
+            text_weights = {k.removeprefix("text_model."): v for k, v in text_weights.items()}
+        expected = text_encoder.state_dict()
+        text_encoder.load_state_dict({k: v for k, v in text_weights.items() if k in expected}, strict=True)
+        for model in (unet, vae, text_encoder):
+            meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+            if meta:
+                raise SystemExit(f"diffusers model left unloaded tensors: {meta[:3]}")
+        folder = Path(tempfile.mkdtemp())
+        write_hf_tokenizer_files(folder)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder), pad_token="<|endoftext|>",
+                                                               model_max_length=77, local_files_only=True)
+        shutil.rmtree(folder)
+        scheduler = DDIMScheduler(beta_start=params["linear_start"], beta_end=params["linear_end"],
+                                  beta_schedule="scaled_linear", num_train_timesteps=params["timesteps"],
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                  timestep_spacing="leading")
+        self.pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                            requires_safety_checker=False).to(device, dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.applied = ["diffusers defaults (SDPA attention)"]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, x_T: torch.Tensor, steps: int, scale: float) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        size = x_T.shape[-1] * 8
+        latents = self.pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=scale,
+                            eta=0.0, latents=x_T.to(self.pipe.unet.dtype), output_type="latent").images
+        synchronize(x_T.device)
+        denoised = time.perf_counter()
+        vae = self.pipe.vae
+        images = vae.decode(latents / vae.config.scaling_factor).sample
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu(), denoised - start
+
+
+PIPELINES = {"diffusers": DiffusersPipeline}
+
+
+def sampling_worker(connection, name: str, variant: str, options: dict) -> None:
+    """Serve runs for one pipeline over `connection`: load once, then answer "run" with timings and the image."""
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
+    device, dtype = torch.device(options["device"]), PRECISIONS[options["precision"]]
+    start = time.perf_counter()
+    pipeline = PIPELINES.get(name, OurPipeline)(options["ckpt"], options["config"], device, dtype, variant)
+    synchronize(device)
+    connection.send(dict(load_s=time.perf_counter() - start, applied=pipeline.applied))
+    generator = torch.Generator().manual_seed(options["seed"])
+    latent = options["size"] // 8
+    x_T = torch.randn(1, 4, latent, latent, generator=generator).to(device)
+    while (message := connection.recv()) != "stop":
+        if message == "reset":  # measured runs start: the peak counts from here (on accelerators)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            connection.send(None)
+            continue
+        synchronize(device)
+        start = time.perf_counter()
+        images, denoise_s = pipeline(options["prompt"], x_T, options["steps"], options["scale"])
+        synchronize(device)
+        total = time.perf_counter() - start
+        peak, what = peak_memory(device)
+        connection.send(dict(total_s=total, denoise_s=denoise_s, peak=peak, peak_kind=what,
+                             image=images.half().numpy()))
+
+
+def run_sampling_benchmark(args: argparse.Namespace, ckpt: str) -> dict:
+    variants = [("ours", "fast")]
+    if args.plain:
+        variants.append(("ours", "plain"))
+    if not args.skip_diffusers:
+        variants.append(("diffusers", "default"))
+    if args.compile:
+        variants.append(("ours", "compile"))
+    if args.memory_modes:
+        variants += [("ours", mode) for mode in MEMORY_MODES]
+    options = dict(ckpt=ckpt, config=args.config, device=args.device, precision=args.precision, size=args.size,
+                   steps=args.steps, scale=args.scale, prompt=args.prompt, seed=args.seed, threads=args.threads)
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for name, variant in variants:
+        parent, child = context.Pipe()
+        process = context.Process(target=sampling_worker, args=(child, name, variant, options), daemon=True)
+        process.start()
+        workers[f"{name} ({variant})"] = (parent, process)
+        info = parent.recv()
+        print(f"  {name} ({variant}) ready in {info['load_s']:.1f} s: {', '.join(info['applied']) or 'plain'}",
+              flush=True)
+    results = {label: dict(runs=[], warmup=[]) for label in workers}
+    try:
+        for phase, count in (("warmup", args.warmup), ("runs", args.runs)):
+            for _ in range(count):
+                for label, (connection, _) in workers.items():
+                    if phase == "runs" and not results[label]["runs"]:
+                        connection.send("reset")
+                        connection.recv()
+                    connection.send("run")
+                    result = connection.recv()
+                    results[label][phase].append(result)
+                    print(f"  {phase:6s} {label:28s} {result['total_s']:7.2f} s/image, "
+                          f"{args.steps / result['denoise_s']:6.2f} it/s", flush=True)
+    except EOFError:
+        raise SystemExit("a benchmark worker died; its traceback is above") from None
+    finally:
+        for connection, process in workers.values():
+            if process.is_alive():
+                connection.send("stop")
+            process.join(timeout=60)
+    return results
+
+
+# --- report ----------------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    model_name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return dict(cpu=model_name, cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                python=platform.python_version(), gpu=gpu, platform=platform.platform())
+
+
+def summarize_loads(results: list[dict]) -> dict:
+    summary = {}
+    for suffix in dict.fromkeys(r["format"] for r in results):
+        rows = [r for r in results if r["format"] == suffix]
+        median = {kind: {key: statistics.median(r[key] for r in rows if r["kind"] == kind)
+                         for key in ("load_s", "touched_s", "peak_rss", "peak_rss_after_touch")}
+                  for kind in ("compvis", "ours")}
+        size = rows[0]["file_bytes"]
+        summary[suffix] = dict(file_gib=size / 2**30, **{f"{kind}_{key}": value for kind in median
+                                                          for key, value in median[kind].items()},
+                               speedup=median["compvis"]["load_s"] / median["ours"]["load_s"],
+                               speedup_with_reads=median["compvis"]["touched_s"] / median["ours"]["touched_s"],
+                               ours_rss_over_file=median["ours"]["peak_rss"] / size,
+                               ours_rss_over_file_after_reads=median["ours"]["peak_rss_after_touch"] / size)
+        print(f"load {suffix}: CompVis-style {median['compvis']['load_s']:.2f} s, ours {median['ours']['load_s']:.2f}"
+              f" s ({summary[suffix]['speedup']:.1f}x; {summary[suffix]['speedup_with_reads']:.1f}x counting the "
+              f"reads of every weight); our peak RSS {summary[suffix]['ours_rss_over_file']:.2f}x the file "
+              f"({summary[suffix]['ours_rss_over_file_after_reads']:.2f}x after every weight was read)")
+    return summary
+
+
+def summarize_sampling(results: dict, steps: int) -> dict:
+    summary = {}
+    reference = None
+    for label, result in results.items():
+        runs = result["runs"]
+        total = statistics.median(r["total_s"] for r in runs)
+        denoise = statistics.median(r["denoise_s"] for r in runs)
+        summary[label] = dict(s_per_image=total, it_per_s=steps / denoise,
+                              peak_gib=max(r["peak"] for r in runs) / 2**30, peak_kind=runs[0]["peak_kind"],
+                              runs=[r["total_s"] for r in runs], warmup=[r["total_s"] for r in result["warmup"]])
+        if reference is None:
+            reference = runs[-1]["image"].astype("float32")
+        else:
+            summary[label]["max_pixel_difference_from_first"] = float(abs(runs[-1]["image"].astype("float32")
+                                                                          - reference).max())
+    first = next(iter(summary))
+    for label, row in summary.items():
+        row["speedup_of_first"] = row["s_per_image"] / summary[first]["s_per_image"]
+        difference = row.get("max_pixel_difference_from_first")
+        print(f"{label:28s} {row['s_per_image']:7.2f} s/image {row['it_per_s']:6.2f} it/s  peak {row['peak_gib']:5.2f}"
+              f" GiB ({row['peak_kind']})  {first} is {row['speedup_of_first']:.2f}x faster"
+              + (f"  max pixel difference {difference:.4f}" if difference is not None else ""))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = dict(machine=machine(), options=vars(args))
+    print(json.dumps(report["machine"]))
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sd-benchmark-"))
+    try:
+        if args.ckpt:
+            files = {Path(args.ckpt).suffix or ".ckpt": Path(args.ckpt)}
+        elif args.workdir and all((workdir / f"random-sd{suffix}").is_file() for suffix in (".ckpt", ".safetensors")):
+            files = {suffix: workdir / f"random-sd{suffix}" for suffix in (".ckpt", ".safetensors")}
+            print(f"reusing the random checkpoints in {workdir}")
+        else:
+            dtype = torch.float16 if args.precision == "fp16" else torch.float32
+            start = time.perf_counter()
+            files = write_random_checkpoint(args.config, workdir, dtype, args.seed)
+            print(f"wrote random {str(dtype).replace('torch.', '')} checkpoints in {time.perf_counter() - start:.0f} s"
+                  f": {', '.join(f'{p} ({p.stat().st_size / 2**30:.2f} GiB)' for p in files.values())}", flush=True)
+        if not args.skip_load:
+            report["load"] = summarize_loads(run_load_benchmark(args, files))
+        if not args.skip_sampling:
+            ckpt = str(files.get(".safetensors", next(iter(files.values()))))
+            report["sampling"] = summarize_sampling(run_sampling_benchmark(args, ckpt), args.steps)
+    finally:
+        if not args.workdir and not args.ckpt:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
