@@ -266,3 +266,16 @@ def test_bf16_runs_in_bfloat16(cli, tmp_path):
     status, stdout, _ = cli("--bf16", "--skip_grid")
     assert status == 0 and "device: cpu (bfloat16)" in stdout
     assert pixels(tmp_path / "out/samples/00000.png").std() > 5  # a real image, not a flat or black one
+
+
+def test_memory_flags_keep_the_pixels(cli, tmp_path):
+    """Attention slicing, VAE slicing and tiling change how the work is done, not the image; --offload on the CPU
+    is a note."""
+    status, _, _ = cli("--n_samples", "2", outdir=tmp_path / "plain")
+    assert status == 0
+    status, _, err = cli("--n_samples", "2", "--attention_slicing", "--vae_slicing", "--vae_tiling", "--offload",
+                         "model", outdir=tmp_path / "lean")
+    assert status == 0 and "--offload has no effect on the CPU" in err
+    for name in ("00000.png", "00001.png"):
+        plain, lean = pixels(tmp_path / "plain" / "samples" / name), pixels(tmp_path / "lean" / "samples" / name)
+        assert np.abs(plain.astype(int) - lean.astype(int)).max() <= 1

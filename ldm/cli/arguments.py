@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--safety_checker", type=str, default=None, metavar="PATH",
         help="a local safety checker folder (diffusers format); flagged images are replaced by black ones "
              "(default: off, never downloaded)")
+    # Speed and memory (ldm.optimize).
+    add("--attention_slicing", action="store_true", help="compute attention in slices: less memory, a bit slower")
+    add("--vae_tiling", action="store_true", help="decode the image in overlapping tiles: large images in bounded memory")
+    add("--vae_slicing", action="store_true", help="decode a batch one image at a time")
+    add("--offload", choices=("model", "sequential"), default=None,
+        help="keep weights in CPU memory and move them to the GPU only while they run: each sub-model (model) or "
+             "layer by layer (sequential, least memory, slowest) (default: off)")
+    add("--compile", action="store_true", help="torch.compile the UNet (the first batch pays the warm-up)")
     add("--metadata_from", type=str, default=None, metavar="FILE",
         help="regenerate one image from its .yaml sidecar (or PNG): its prompt, seed, steps, sampler, scale, size")
     return parser

@@ -85,9 +85,13 @@ class Run:
 
         opt = self.opt
         print(f"Loading model from {opt.ckpt} (config {self.config_path})", flush=True)
-        self.model = load_model(opt.ckpt, opt.config, device=self.device, dtype=self.dtype,
+        offload = opt.offload if self.device.type != "cpu" else None
+        if opt.offload and offload is None:
+            note("--offload has no effect on the CPU: the weights already live in CPU memory")
+        self.model = load_model(opt.ckpt, opt.config, device="cpu" if offload else self.device, dtype=self.dtype,
                                 use_ema=True if opt.ema else None, v_prediction=opt.v_prediction or None,
                                 vae=opt.vae, timings=self.summary.load)
+        self.apply_speed_and_memory_flags(offload)
         self.model_name = Path(opt.ckpt).stem
         self.model_hash = ""
         if not opt.no_metadata:
@@ -97,6 +101,23 @@ class Run:
         if recorded and self.model_hash and recorded != self.model_hash:
             note(f"{opt.metadata_from} was made with model hash {recorded}, this checkpoint is {self.model_hash}: "
                  f"the image will differ")
+
+    def apply_speed_and_memory_flags(self, offload: str | None) -> None:
+        from ldm import optimize
+
+        opt, model = self.opt, self.model
+        if opt.attention_slicing:
+            optimize.enable_attention_slicing(model)
+        if opt.vae_tiling:
+            optimize.enable_vae_tiling(model)
+        if opt.vae_slicing:
+            optimize.enable_vae_slicing(model)
+        if offload == "model":
+            optimize.enable_model_offload(model, self.device)
+        elif offload == "sequential":
+            optimize.enable_sequential_offload(model, self.device)
+        if opt.compile:
+            optimize.compile_model(model)
 
     # --- sampling --------------------------------------------------------------------------------------------------
     def render(self, batch: list[PlannedImage]) -> np.ndarray:
