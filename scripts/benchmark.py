@@ -177,7 +177,8 @@ class OurPipeline:
         from ldm.loading import load_model
         from ldm.models.diffusion.ddim import DDIMSampler
         from ldm import optimize
-        self.model = load_model(ckpt, config, device=device, dtype=dtype)
+        offloaded = variant in ("model offload", "sequential offload")  # weights stay on the CPU until used
+        self.model = load_model(ckpt, config, device="cpu" if offloaded else device, dtype=dtype)
         self.applied = [] if variant == "plain" else optimize.apply_fast_paths(self.model, device)
         if variant == "compile":
             self.applied += [f"torch.compile({', '.join(optimize.compile_model(self.model))})"]
