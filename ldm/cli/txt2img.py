@@ -106,6 +106,8 @@ class Run:
         from ldm import optimize
 
         opt, model = self.opt, self.model
+        # fused projections, and on the CPU oneDNN kernels and channels-last: same results to float rounding
+        optimize.apply_fast_paths(model, self.device)
         if opt.attention_slicing:
             optimize.enable_attention_slicing(model)
         if opt.vae_tiling:
