@@ -18,14 +18,21 @@ logger = logging.getLogger(__name__)
 
 
 def compile_model(model: nn.Module, mode: str | None = None, backend: str = "inductor", dynamic: bool = False,
-                  fullgraph: bool = False) -> list[str]:
+                  fullgraph: bool = False, freezing: bool | None = None) -> list[str]:
     """torch.compile every UNet and autoencoder decoder in `model`, in place (checkpoint keys unchanged).
 
     `mode`: torch.compile's mode (None, "max-autotune", "reduce-overhead", which also replays GPU graphs).
-    oneDNN layers go back to the default kernels first (the compiler packs weights itself). Compilation happens on
-    the first call with each new shape. Returns the names of the compiled parts.
+    `freezing` (default: when the weights are on the CPU): let inductor treat the weights as constants, which is
+    what makes it pack them for oneDNN on the CPU; a process-wide inductor setting, for inference only (weights
+    changed later are not seen). oneDNN layers go back to the default kernels first (the compiler packs weights
+    itself). Compilation happens on the first call with each new shape. Returns the names of the compiled parts.
     """
     use_default_kernels(model)
+    if freezing is None:
+        freezing = next(model.parameters()).device.type == "cpu"
+    if freezing and backend == "inductor":
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = True
     compiled = []
     for name, module in model.named_modules():
         if isinstance(module, (UNetModel, Decoder)):

@@ -134,7 +134,7 @@ class Offload:
         self.note(weights.name, "device" if running else "home")
 
     # --- hooks ---------------------------------------------------------------------------------------------------
-    def wrap_entry_points(self, name: str, module: nn.Module, before: Callable[[], None]) -> None:
+    def wrap_entry_points(self, module: nn.Module, before: Callable[[], None]) -> None:
         """Wrap `module`'s forward/encode/decode: `before()`, then run on the device, results back to the caller's."""
         for method_name in ENTRY_METHODS:
             method = getattr(module, method_name, None)
@@ -218,7 +218,7 @@ def enable_model_offload(model: nn.Module, device: torch.device | str, home: tor
     for name, part in sub_models(model).items():
         weights = WeightSet(name, _tensors_of(part, recurse=True), offload.device, offload.home)
         offload.weight_sets.append(weights)
-        offload.wrap_entry_points(name, part, functools.partial(offload.activate, weights))
+        offload.wrap_entry_points(part, functools.partial(offload.activate, weights))
     model._offload = offload
     return offload
 
@@ -231,10 +231,10 @@ def enable_sequential_offload(model: nn.Module, device: torch.device | str, home
         if name == "text encoder":
             weights = WeightSet(name, _tensors_of(part, recurse=True), offload.device, offload.home)
             offload.weight_sets.append(weights)
-            offload.wrap_entry_points(name, part, functools.partial(offload.activate, weights))
+            offload.wrap_entry_points(part, functools.partial(offload.activate, weights))
         else:
             offload.stream_layers(name, part)
-            offload.wrap_entry_points(name, part, functools.partial(_send_home, offload))
+            offload.wrap_entry_points(part, functools.partial(_send_home, offload))
     model._offload = offload
     return offload
 
