@@ -46,3 +46,12 @@ def choose_dtype(precision: str, device: torch.device) -> tuple[torch.dtype, str
     if dtype == torch.float16 and device.type == "cpu":
         return torch.float32, f"--precision {precision} (fp16) is not supported on the CPU: running in fp32"
     return dtype, None
+
+
+def accelerator_memory(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes of a CUDA device's memory, or None where there is no separate device memory to ask about
+    (the CPU, and Apple's unified memory)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)

@@ -34,3 +34,23 @@ def tiny_checkpoint(tiny_checkpoints) -> Path:
 @pytest.fixture(scope="session")
 def tiny_config() -> Path:
     return TEST_CONFIGS / "tiny-v1.yaml"
+
+
+@pytest.fixture
+def txt2img(tiny_checkpoint, tiny_config, tmp_path, capsys, monkeypatch):
+    """txt2img(*flags, outdir=None) -> (exit status, stdout, stderr): the CLI in-process on the tiny SD 1.x model,
+    32x32, 2 DDIM steps, one batch of one image, one thread (two gain nothing on the tiny model)."""
+    from ldm.cli.txt2img import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # model hashes are cached there
+
+    def run(*flags, outdir=None):
+        base = ["--ckpt", str(tiny_checkpoint), "--config", str(tiny_config), "--H", "32", "--W", "32",
+                "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--outdir", str(outdir or tmp_path / "out")]
+        status = main(base + [str(flag) for flag in flags])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+    yield run
+    torch.set_num_threads(threads)

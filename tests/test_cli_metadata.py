@@ -36,13 +36,14 @@ def test_sampler_display_names(name, shown):
 @pytest.mark.parametrize("changes", [{}, {"negative_prompt": ""}, {"prompt": "line one\nline two: with, commas"},
                                      {"model": "my, model: v2", "vae": "vae.pt", "scale": 7.123456789},
                                      {"prompt": "ünïcødé 猫", "negative_prompt": "a\nb"},
-                                     {"sampler": "euler_a", "eta": None}])
+                                     {"sampler": "euler_a", "eta": None},
+                                     {"lora": "style:0.8, detail:-0.5"}])
 def test_parameters_text_reads_back(changes):
     original = record(**changes)
     parsed = parse_parameters_text(parameters_text(original))
     expected = original.to_mapping()
     expected["sampler"] = sampler_display_name(expected["sampler"])
-    for key in ("vae", "eta"):
+    for key in ("vae", "eta", "lora"):
         if expected[key] is None:
             del expected[key]
     assert parsed == expected

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import textwrap
 from typing import Any, Sequence
 
@@ -128,7 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--offload", choices=("model", "sequential"), default=None,
         help="keep weights in CPU memory and move them to the GPU only while they run: each sub-model (model) or "
              "layer by layer (sequential, least memory, slowest) (default: off)")
-    add("--compile", action="store_true", help="torch.compile the UNet (the first batch pays the warm-up)")
+    add("--compile", action="store_true",
+        help="torch.compile the UNet and decoder; the compilation is a warm-up before the first batch, timed apart")
+    add("--cuda_graphs", action="store_true",
+        help="CUDA GPUs: capture the UNet once per batch shape and replay it (less launch overhead); the capture is "
+             "a warm-up before the first batch, timed apart")
+    add("--lora", type=str, action="append", default=None, metavar="FILE[:WEIGHT]",
+        help="merge a kohya-style LoRA (.safetensors) into the model with WEIGHT (default 1.0); repeat for several")
     add("--metadata_from", type=str, default=None, metavar="FILE",
         help="regenerate one image from its .yaml sidecar (or PNG): its prompt, seed, steps, sampler, scale, size")
     return parser
@@ -144,6 +151,26 @@ def check_counts(opt: argparse.Namespace) -> None:
         value = getattr(opt, flag)
         if value is not None and value < minimum:
             raise UsageError(f"--{flag} {value} is too small: it must be at least {minimum}")
+
+
+def lora_specs(values: Sequence[str] | None) -> list[tuple[str, float]]:
+    """`--lora FILE[:WEIGHT]` values as (file, weight); the file must exist. A colon belongs to the weight only when
+    a number follows it, so Windows paths like C:\\loras\\x.safetensors still work."""
+    specs = []
+    for value in values or []:
+        path, weight = value, 1.0
+        head, colon, tail = value.rpartition(":")
+        if colon and head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                path = value
+        if not math.isfinite(weight):
+            raise UsageError(f"--lora {value}: the weight {tail} is not a finite number")
+        if not os.path.isfile(path):
+            raise UsageError(f"--lora {value}: {path} not found (use FILE or FILE:WEIGHT, e.g. style.safetensors:0.8)")
+        specs.append((path, weight))
+    return specs
 
 
 def check_image_settings(settings: dict[str, Any], where: str, f: int) -> None:

@@ -62,9 +62,14 @@ class ImageRecord:
     model: str = ""
     model_hash: str = ""
     vae: str | None = None
+    lora: str | None = None  # "name:weight, ..." of the LoRA files merged into the model
 
     def to_mapping(self) -> dict[str, Any]:
         return asdict(self)
+
+    def extra_parameters(self) -> list[tuple[str, str]]:
+        """(key, value) pairs a subclass adds at the end of the "parameters" text (img2img: its strength)."""
+        return []
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "ImageRecord":
@@ -95,8 +100,11 @@ def parameters_text(record: ImageRecord) -> str:
         pairs.append(("Model", record.model))
     if record.vae:
         pairs.append(("VAE", record.vae))
+    if record.lora:
+        pairs.append(("Lora", record.lora))
     if record.eta is not None:
         pairs.append(("Eta", _number(record.eta)))
+    pairs.extend(record.extra_parameters())
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in pairs))
     return "\n".join(lines)
 
@@ -116,7 +124,7 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
                               "negative_prompt": "\n".join(lines[negative_at:])[len(NEGATIVE_PREFIX):]}
     converters = {"Steps": ("steps", int), "Sampler": ("sampler", str), "CFG scale": ("scale", float),
                   "Seed": ("seed", int), "Model hash": ("model_hash", str), "Model": ("model", str),
-                  "VAE": ("vae", str), "Eta": ("eta", float)}
+                  "VAE": ("vae", str), "Lora": ("lora", str), "Eta": ("eta", float)}
     for key, (name, convert) in converters.items():
         if key in pairs:
             result[name] = convert(pairs[key])

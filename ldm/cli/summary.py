@@ -22,7 +22,7 @@ def peak_memory_bytes(device: torch.device) -> tuple[int | None, str]:
     return rss * (1 if sys.platform == "darwin" else 1024), "process max RSS"  # Linux reports KiB, macOS bytes
 
 
-def _gib(size: int) -> str:
+def format_bytes(size: float) -> str:
     return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
@@ -34,6 +34,7 @@ class RunSummary:
     dtype: torch.dtype
     started: float = field(default_factory=time.perf_counter)
     load: dict[str, float] = field(default_factory=dict)
+    warm_up: float | None = None  # --compile / --cuda_graphs: compiling or capturing before the first batch
     sampling_seconds: float = 0.0
     decoding_seconds: float = 0.0
     images: int = 0
@@ -51,12 +52,14 @@ class RunSummary:
         parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.load.items())
         lines = [f"device: {self.device} ({str(self.dtype).replace('torch.', '')})",
                  f"model load: {load_total:.2f} s ({parts})" if parts else "model load: -"]
+        if self.warm_up is not None:
+            lines.append(f"warm-up (compile/capture, once per batch shape): {self.warm_up:.2f} s")
         if self.images:
             per_image = self.sampling_seconds / self.images
             rate = self.steps / self.sampling_seconds if self.sampling_seconds > 0 else float("inf")
             lines.append(f"sampling: {self.images} images in {self.sampling_seconds:.2f} s, {per_image:.2f} s/image, "
                          f"{rate:.2f} it/s; decoding {self.decoding_seconds:.2f} s")
         peak, what = peak_memory_bytes(self.device)
-        lines.append(f"peak memory: {_gib(peak)} ({what})" if peak is not None else "peak memory: unknown")
+        lines.append(f"peak memory: {format_bytes(peak)} ({what})" if peak is not None else "peak memory: unknown")
         lines.append(f"total: {total:.2f} s")
         return lines

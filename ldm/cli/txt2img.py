@@ -6,12 +6,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from ldm.cli.arguments import UsageError, check_counts, parse_args
+from ldm.cli.arguments import UsageError, check_counts, lora_specs, parse_args
 from ldm.cli.generation import (GenerationError, black_images, decode_to_pixels, free_accelerator_memory,
                                 run_in_sub_batches)
 from ldm.cli.images import MissingDependency, Watermarker, make_grid
@@ -25,12 +25,15 @@ from ldm.cli.summary import RunSummary
 PROG = "txt2img.py"
 
 
-def note(message: str) -> None:
-    print(f"{PROG}: note: {message}", file=sys.stderr, flush=True)
-
-
 class Run:
-    """One checked run: the options, its plan, and the optional helpers (all set up before the model loads)."""
+    """One checked run: the options, its plan, and the optional helpers (all set up before the model loads).
+
+    Subclasses (img2img) change how a batch's latents are made (`sample_latents`), what a saved image records
+    (`record`, `record_type`), and check their plan (`make_plan`); the rest of a run is shared.
+    """
+
+    prog = PROG
+    record_type = ImageRecord
 
     def __init__(self, opt: argparse.Namespace):
         from ldm.devices import choose_device, choose_dtype
@@ -41,17 +44,20 @@ class Run:
         fill_model_defaults(opt, self.peek_config(opt))
         check_counts(opt)
         self.opt = opt
-        self.plan: RunPlan = plan_batches(opt, read_jobs(opt))
+        self.plan: RunPlan = self.make_plan(opt)
         check_files(opt)
+        self.loras = lora_specs(opt.lora)
         try:
             self.device = choose_device(opt.device)
             self.dtype, precision_note = choose_dtype(opt.precision, self.device)
         except ValueError as error:
             raise UsageError(str(error)) from None
         if precision_note:
-            note(precision_note)
+            self.note(precision_note)
         self.config_path = resolve_config(opt.ckpt, opt.config, opt.v_prediction or None)
         check_against_model(opt, self.plan, load_config(self.config_path))
+        self.check_speed_flags()
+        self.check_memory()
         self.watermarker = Watermarker() if opt.watermark else None
         self.safety_checker = None
         if opt.safety_checker:
@@ -66,6 +72,37 @@ class Run:
         self.next_sample: int | None = None  # found when the first image is saved: nothing is written before
         self.saved: list[Path] = []
         self.watermark_failed = False
+        self.stage = "sampling"  # or "decoding": what ran out of memory, for the advice
+
+    def check_speed_flags(self) -> None:
+        opt = self.opt
+        if opt.cuda_graphs and self.device.type != "cuda":
+            raise UsageError(f"--cuda_graphs needs a CUDA GPU (the device is {self.device}): leave it out")
+        if opt.cuda_graphs and opt.offload:
+            raise UsageError(f"--cuda_graphs replays the UNet with its weights in place, which --offload {opt.offload} "
+                             f"moves: use one of them")
+
+    def check_memory(self) -> None:
+        """On a GPU, refuse before loading when the weights alone cannot fit, naming the flag that makes them fit."""
+        from ldm.checkpoints import CheckpointError, read_shapes
+        from ldm.cli.memory import check_weights_fit, weight_bytes_by_part
+        from ldm.devices import accelerator_memory
+
+        memory = accelerator_memory(self.device)
+        if memory is None:
+            return
+        try:
+            shapes = read_shapes(self.opt.ckpt)
+        except CheckpointError:
+            return  # the loader reports an unreadable file in its own words
+        check_weights_fit(weight_bytes_by_part(shapes, self.dtype), *memory, self.opt.offload, self.device,
+                          self.dtype)
+
+    def note(self, message: str) -> None:
+        print(f"{self.prog}: note: {message}", file=sys.stderr, flush=True)
+
+    def make_plan(self, opt: argparse.Namespace) -> RunPlan:
+        return plan_batches(opt, read_jobs(opt))
 
     @staticmethod
     def peek_config(opt: argparse.Namespace) -> Any | None:
@@ -87,10 +124,11 @@ class Run:
         print(f"Loading model from {opt.ckpt} (config {self.config_path})", flush=True)
         offload = opt.offload if self.device.type != "cpu" else None
         if opt.offload and offload is None:
-            note("--offload has no effect on the CPU: the weights already live in CPU memory")
+            self.note("--offload has no effect on the CPU: the weights already live in CPU memory")
         self.model = load_model(opt.ckpt, opt.config, device="cpu" if offload else self.device, dtype=self.dtype,
                                 use_ema=True if opt.ema else None, v_prediction=opt.v_prediction or None,
                                 vae=opt.vae, timings=self.summary.load)
+        self.apply_loras()
         self.apply_speed_and_memory_flags(offload)
         self.model_name = Path(opt.ckpt).stem
         self.model_hash = ""
@@ -99,8 +137,24 @@ class Run:
             self.model_hash = model_hash(opt.ckpt)
         recorded = self.plan.source_info.get("model_hash")
         if recorded and self.model_hash and recorded != self.model_hash:
-            note(f"{opt.metadata_from} was made with model hash {recorded}, this checkpoint is {self.model_hash}: "
+            self.note(f"{opt.metadata_from} was made with model hash {recorded}, this checkpoint is {self.model_hash}: "
                  f"the image will differ")
+
+    def apply_loras(self) -> None:
+        """Merge each --lora into the weights (before the fast paths fuse the projections a LoRA names)."""
+        from ldm.lora import LoraError, apply_lora
+
+        for path, weight in self.loras:
+            try:
+                layers = apply_lora(self.model, path, multiplier=weight)
+            except LoraError as error:
+                raise UsageError(f"--lora {path}: {error}") from None
+            print(f"LoRA {path}: {layers} layers, weight {weight:g}", flush=True)
+        self.lora_text = ", ".join(f"{Path(path).stem}:{weight:g}" for path, weight in self.loras) or None
+        recorded = self.plan.source_info.get("lora")
+        if self.opt.metadata_from and recorded != self.lora_text:
+            self.note(f"{self.opt.metadata_from} was made with LoRA {recorded or 'none'}, this run uses "
+                 f"{self.lora_text or 'none'}: the image will differ")
 
     def apply_speed_and_memory_flags(self, offload: str | None) -> None:
         from ldm import optimize
@@ -120,6 +174,22 @@ class Run:
             optimize.enable_sequential_offload(model, self.device)
         if opt.compile:
             optimize.compile_model(model)
+        if opt.cuda_graphs:
+            optimize.enable_graphs(model)
+
+    def warm_up(self) -> None:
+        """With --compile or --cuda_graphs, compile/capture for each batch shape of the plan before the first batch,
+        with one sampler step and a decode, so the summary shows that cost apart from the per-image times."""
+        if not (self.opt.compile or self.opt.cuda_graphs):
+            return
+        start = time.perf_counter()
+        shapes = {}
+        for batch in self.plan.batches:
+            settings = batch[0].settings
+            shapes.setdefault((len(batch), settings["H"], settings["W"], settings["scale"] != 1.0), batch)
+        for batch in shapes.values():
+            self.render_exactly(batch, warm_up=True)
+        self.summary.warm_up = time.perf_counter() - start
 
     # --- sampling --------------------------------------------------------------------------------------------------
     def render(self, batch: list[PlannedImage]) -> np.ndarray:
@@ -129,33 +199,45 @@ class Run:
 
         def on_retry(size_now: int, half: int) -> None:
             free_accelerator_memory(self.device)
-            note(f"out of memory with a batch of {size_now}: retrying in sub-batches of {half}")
+            self.note(f"out of memory with a batch of {size_now}: retrying in sub-batches of {half}")
 
         def on_exhausted() -> str:
-            return (f"out of memory on {self.device} even for one {size} image: lower --H/--W, use --precision "
-                    f"autocast (fp16) or --bf16, free the GPU of other programs, or use --device cpu")
+            from ldm.cli.memory import out_of_memory_advice
+            return out_of_memory_advice(self.opt, self.stage, self.device, self.dtype, size)
 
         return run_in_sub_batches(self.render_exactly, batch, on_retry, on_exhausted)
 
-    def render_exactly(self, batch: list[PlannedImage]) -> np.ndarray:
-        from ldm.models.diffusion.noise import ImageNoise
-        from ldm.models.diffusion.samplers import sample
-
+    def render_exactly(self, batch: list[PlannedImage], warm_up: bool = False) -> np.ndarray:
+        """Pixels of `batch`; with `warm_up`, only one DDIM step, and nothing counted in the summary."""
         settings, model = batch[0].settings, self.model
+        sampler, steps, eta = ("ddim", 1, 0.0) if warm_up else (settings["sampler"], settings["steps"], settings["eta"])
         start = time.perf_counter()
+        self.stage = "sampling"
         with torch.no_grad():
             cond = model.get_learned_conditioning([image.prompt for image in batch])
             uncond = None
             if settings["scale"] != 1.0:
                 uncond = model.get_learned_conditioning([image.negative_prompt for image in batch])
-            shape = (len(batch), self.opt.C, settings["H"] // self.opt.f, settings["W"] // self.opt.f)
-            latents = sample(model, settings["sampler"], settings["steps"], shape, cond, uncond, settings["scale"],
-                             ImageNoise([image.seed for image in batch]), eta=settings["eta"])
+            latents, steps = self.sample_latents(batch, cond, uncond, sampler, steps, eta)
             torch.isfinite(latents).all().item()  # waits for the device, so the time below is the sampling time
             sampled = time.perf_counter()
-            pixels = decode_to_pixels(model, latents, note)
-        self.summary.add_batch(len(batch), settings["steps"], sampled - start, time.perf_counter() - sampled)
+            self.stage = "decoding"
+            pixels = decode_to_pixels(model, latents, self.note)
+        if not warm_up:
+            self.summary.add_batch(len(batch), steps, sampled - start, time.perf_counter() - sampled)
         return pixels
+
+    def sample_latents(self, batch: list[PlannedImage], cond: Any, uncond: Any, sampler: str, steps: int,
+                       eta: float | None) -> tuple[torch.Tensor, int]:
+        """The batch's latents from noise, and the number of sampler steps that ran (for the summary)."""
+        from ldm.models.diffusion.noise import ImageNoise
+        from ldm.models.diffusion.samplers import sample
+
+        settings = batch[0].settings
+        shape = (len(batch), self.opt.C, settings["H"] // self.opt.f, settings["W"] // self.opt.f)
+        latents = sample(self.model, sampler, steps, shape, cond, uncond, settings["scale"],
+                         ImageNoise([image.seed for image in batch]), eta=eta)
+        return latents, steps
 
     # --- saving ----------------------------------------------------------------------------------------------------
     def record(self, image: PlannedImage) -> ImageRecord:
@@ -163,7 +245,7 @@ class Run:
         return ImageRecord(prompt=image.prompt, negative_prompt=image.negative_prompt, steps=settings["steps"],
                            sampler=settings["sampler"], scale=settings["scale"], seed=image.seed, H=settings["H"],
                            W=settings["W"], eta=settings["eta"], model=self.model_name, model_hash=self.model_hash,
-                           vae=Path(self.opt.vae).name if self.opt.vae else None)
+                           vae=Path(self.opt.vae).name if self.opt.vae else None, lora=self.lora_text)
 
     def finish_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, list[bool]]:
         """Safety checker (flagged images become black) and watermark; returns the pixels and the flags."""
@@ -178,7 +260,7 @@ class Run:
                     pixels[index] = self.watermarker.apply(pixels[index])
                 except Exception as error:  # noqa: BLE001 - e.g. images under 256x256, which DWT-DCT refuses
                     if not self.watermark_failed:
-                        note(f"the watermark could not be added ({error}); images are saved without it")
+                        self.note(f"the watermark could not be added ({error}); images are saved without it")
                     self.watermark_failed = True
         return pixels, flagged
 
@@ -198,7 +280,7 @@ class Run:
     def save_grid(self, grid_images: list[np.ndarray], records: list[dict[str, Any]]) -> Path:
         outdir = Path(self.opt.outdir)
         per_row = self.opt.n_rows if self.opt.n_rows > 0 else self.opt.n_samples
-        first = ImageRecord.from_mapping(records[0])
+        first = self.record_type.from_mapping(records[0])
         metadata = None if self.opt.no_metadata else parameters_text(first)
         path, number = write_new_file(outdir, f"grid-{{:0{GRID_DIGITS}d}}.png", next_grid_number(outdir),
                                       encode_png(make_grid(grid_images, per_row), metadata))
@@ -226,9 +308,9 @@ class Run:
                         path = self.writing(self.save_sample, image_pixels, image)
                         label, entry["file"] = str(path), f"samples/{path.name}"
                     if was_flagged:
-                        note(f"{label}: flagged by the safety checker, replaced by a black image")
+                        self.note(f"{label}: flagged by the safety checker, replaced by a black image")
                     elif is_black:
-                        note(f"{label}: the model produced an entirely black image")
+                        self.note(f"{label}: the model produced an entirely black image")
                     if not opt.skip_grid:
                         grid_images.append(image_pixels)
                         records.append(entry)
@@ -244,29 +326,32 @@ class Run:
                                   f"or pick another --outdir") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run txt2img with command-line `argv`; returns the exit status (0 done, 1 failed, 2 bad input)."""
+def main(argv: Sequence[str] | None = None, *, prog: str = PROG,
+         parse: Callable[[Sequence[str] | None], argparse.Namespace] = parse_args, run_type: type[Run] = Run) -> int:
+    """Run txt2img (or, with img2img's `prog`, `parse` and `run_type`, img2img) with command-line `argv`; returns the
+    exit status (0 done, 1 failed, 2 bad input)."""
     from ldm.checkpoints import CheckpointError
     from ldm.loading import LoadError
     from ldm.cli.prompts import PromptFileError
 
     run = None
     try:
-        opt = parse_args(argv)
-        run = Run(opt)
+        opt = parse(argv)
+        run = run_type(opt)
         run.load()
+        run.warm_up()
         run.generate()
     except SystemExit as exit_request:  # --help
         return exit_request.code if isinstance(exit_request.code, int) else 0
     except (UsageError, LoadError, CheckpointError, PromptFileError, MissingDependency) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     except GenerationError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         saved = len(run.saved) if run is not None else 0
-        print(f"{PROG}: interrupted; {saved} file(s) were saved completely, none partially", file=sys.stderr)
+        print(f"{prog}: interrupted; {saved} file(s) were saved completely, none partially", file=sys.stderr)
         return 130
     for line in run.summary.lines():
         print(line)

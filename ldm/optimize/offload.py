@@ -196,8 +196,9 @@ def _layers(root: nn.Module, prefix: str = "") -> Iterable[tuple[str, nn.Module,
 
 
 def sub_models(model: nn.Module) -> dict[str, nn.Module]:
-    """The separately offloadable parts: a LatentDiffusion's text encoder, UNet and autoencoder, or `model` itself."""
-    parts = {"text encoder": getattr(model, "cond_stage_model", None),
+    """The separately offloadable parts: a LatentDiffusion's text encoder (SDXL's `conditioner`), UNet and
+    autoencoder, or `model` itself."""
+    parts = {"text encoder": getattr(model, "cond_stage_model", None) or getattr(model, "conditioner", None),
              "unet": getattr(getattr(model, "model", None), "diffusion_model", None),
              "autoencoder": getattr(model, "first_stage_model", None)}
     parts = {name: part for name, part in parts.items() if isinstance(part, nn.Module)}
