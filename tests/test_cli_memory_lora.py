@@ -197,3 +197,14 @@ def test_lora_specs_split_the_weight_only_when_it_is_a_number(tmp_path):
         (str(plain), 1.0), (str(plain), -0.25), (str(odd), 1.0), (str(odd), 2.0)]
     with pytest.raises(UsageError, match="not a finite number"):
         lora_specs([f"{plain}:nan"])
+
+
+# --- prompts longer than the text encoder reads -----------------------------------------------------------------------
+def test_long_prompts_get_a_note_naming_the_ignored_words(txt2img, tmp_path):
+    long_prompt = "photo of a cat " * 20  # 4 tokens a repeat: 80 tokens, 5 past the 75 the encoder reads
+    status, _, err = txt2img("--prompt", long_prompt, "--negative_prompt", "blurry", "--n_samples", 2,
+                             outdir=tmp_path / "out")
+    assert status == 0
+    notes = [line for line in err.splitlines() if "tokens" in line]
+    assert notes == ['txt2img.py: note: prompt "photo of a cat photo of a cat photo o..." has 80 tokens but the '
+                     'text encoder reads 75: "cat photo of a cat" is ignored']

@@ -117,3 +117,21 @@ def read_prompt_file(path: str) -> list[PromptJob]:
     if not jobs:
         raise PromptFileError(f"prompt file {path} has no prompts (blank lines and # comments are skipped)")
     return jobs
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def truncation_notes(prompts: list[str], context_length: int = 77) -> list[str]:
+    """One line per distinct prompt longer than the text encoder reads (context_length - 2 tokens: start and end
+    take two), naming the words it drops, as the model would otherwise ignore them silently."""
+    from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
+
+    tokenizer, room, notes = CLIPTokenizer(), context_length - 2, []
+    for prompt in dict.fromkeys(prompts):
+        ids = tokenizer.encode(prompt)
+        if len(ids) > room:
+            notes.append(f"prompt \"{_shorten(prompt)}\" has {len(ids)} tokens but the text encoder reads {room}: "
+                         f"\"{_shorten(tokenizer.decode(ids[room:]))}\" is ignored")
+    return notes

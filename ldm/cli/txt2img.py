@@ -20,6 +20,7 @@ from ldm.cli.outputs import (GRID_DIGITS, SAMPLE_DIGITS, next_grid_number, next_
                              write_new_file)
 from ldm.cli.plan import (PlannedImage, RunPlan, apply_compat_flags, check_against_model, check_files,
                           fill_model_defaults, plan_batches, read_jobs)
+from ldm.cli.prompts import truncation_notes
 from ldm.cli.summary import RunSummary
 
 PROG = "txt2img.py"
@@ -58,6 +59,9 @@ class Run:
         check_against_model(opt, self.plan, load_config(self.config_path))
         self.check_speed_flags()
         self.check_memory()
+        for message in truncation_notes([text for batch in self.plan.batches for image in batch
+                                         for text in (image.prompt, image.negative_prompt)]):
+            self.note(message)
         self.watermarker = Watermarker() if opt.watermark else None
         self.safety_checker = None
         if opt.safety_checker:
