@@ -135,14 +135,22 @@ class Run:
         self.apply_loras()
         self.apply_speed_and_memory_flags(offload)
         self.model_name = Path(opt.ckpt).stem
-        self.model_hash = ""
-        if not opt.no_metadata:
+        if not opt.no_metadata:  # hashed beside the sampling (hashlib releases the GIL); the first save waits for it
+            from concurrent.futures import ThreadPoolExecutor
             from ldm.checkpoints import model_hash
-            self.model_hash = model_hash(opt.ckpt)
+            pool = ThreadPoolExecutor(1, thread_name_prefix="model-hash")
+            self.hashing = pool.submit(model_hash, opt.ckpt)
+            pool.shutdown(wait=False)  # the thread ends when the hash is done
         recorded = self.plan.source_info.get("model_hash")
         if recorded and self.model_hash and recorded != self.model_hash:
             self.note(f"{opt.metadata_from} was made with model hash {recorded}, this checkpoint is {self.model_hash}: "
-                 f"the image will differ")
+                      f"the image will differ")
+
+    @property
+    def model_hash(self) -> str:
+        """The checkpoint's hash for the metadata ("" with --no_metadata), once the background hashing is done."""
+        hashing = getattr(self, "hashing", None)
+        return hashing.result() if hashing is not None else ""
 
     def apply_loras(self) -> None:
         """Merge each --lora into the weights (before the fast paths fuse the projections a LoRA names)."""
