@@ -20,17 +20,23 @@ from ldm.checkpoints import CheckpointError, PageReleaser, read_checkpoint, read
 from ldm.util import instantiate_from_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
-CONFIGS = {"v1": "v1-inference.yaml", "v2": "v2-inference.yaml", "v2-v": "v2-inference-v.yaml"}
+CONFIGS = {"v1": "v1-inference.yaml", "v2": "v2-inference.yaml", "v2-v": "v2-inference-v.yaml",
+           "xl-base": "sd_xl_base.yaml", "xl-refiner": "sd_xl_refiner.yaml"}
 ADVICE = {
     "v1": "this is an SD 1.x checkpoint: use configs/stable-diffusion/v1-inference.yaml",
     "v2": "this is an SD 2.x checkpoint: use configs/stable-diffusion/v2-inference.yaml "
           "(v2-inference-v.yaml for the 768 v-prediction models)",
+    "xl-base": "this is an SDXL base (or turbo) checkpoint: use configs/stable-diffusion/sd_xl_base.yaml",
+    "xl-refiner": "this is an SDXL refiner checkpoint: use configs/stable-diffusion/sd_xl_refiner.yaml",
 }
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+XL_TEXT = "conditioner.embedders."
 EMA = "model_ema."
 # Keys that released checkpoints carry and that inference does not use.
 HARMLESS_KEYS = re.compile(
-    r"^(cond_stage_model\.transformer\.text_model\.embeddings\.position_ids"  # older transformers' buffer
+    # older transformers' buffer, in SD 1.x and SDXL text encoders
+    r"^((cond_stage_model|conditioner\.embedders\.\d+)\.transformer\.text_model\.embeddings\.position_ids"
+    r"|denoiser\.sigmas"  # SDXL's noise levels, recomputed from the config
     r"|model_ema\..*"  # EMA shadow weights when EMA is not asked for
     r"|first_stage_model\.loss\..*|loss\..*"  # the autoencoder's training loss (LPIPS, discriminator)
     r"|logvar|lvlb_weights|cond_ids)$")
@@ -46,24 +52,43 @@ class LoadError(Exception):
 
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """"v1", "v2", or a LoadError for checkpoints this package cannot run (SDXL, inpainting, non-SD files)."""
-    if any(key.startswith("conditioner.embedders.") for key in shapes):
-        raise LoadError("this is an SDXL checkpoint: SDXL is not supported yet (SD 1.x and 2.x are)")
+    """"v1", "v2", "xl-base" (also SDXL turbo) or "xl-refiner"; a LoadError for checkpoints this package cannot run
+    (inpainting, non-SD files)."""
     if not any(key.startswith(UNET) for key in shapes):
         if any(key.startswith(("encoder.", "decoder.", VAE)) for key in shapes):
             raise LoadError("this file holds only an autoencoder (VAE): pass it with --vae next to a full checkpoint")
         if any("lora" in key for key in shapes):
             raise LoadError("this file is a LoRA, not a full Stable Diffusion checkpoint")
+        if any(key.startswith(("unet.", "down_blocks.", "text_encoder.")) for key in shapes):
+            raise LoadError("this file is in diffusers' layout, which is not supported: use the single-file "
+                            "checkpoint (CompVis / Stability layout, e.g. sd_xl_base_1.0.safetensors)")
         raise LoadError("this file is not a Stable Diffusion checkpoint (it has no model.diffusion_model.* weights)")
     first_conv = shapes.get(UNET + "input_blocks.0.0.weight")
     if first_conv is not None and first_conv[1] != 4:
         raise LoadError(f"this UNet takes {first_conv[1]} input channels (an inpainting or depth model): "
                         "txt2img needs a 4-channel text-to-image checkpoint")
+    if any(key.startswith(XL_TEXT) for key in shapes):
+        return _sdxl_family(shapes)
     if any(key.startswith(TEXT + "model.") for key in shapes):
         return "v2"
     if any(key.startswith(TEXT + "transformer.") for key in shapes):
         return "v1"
     raise LoadError("cannot tell the model family: the checkpoint has no text encoder weights (cond_stage_model.*)")
+
+
+def _sdxl_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The base (and turbo) has CLIP ViT-L then OpenCLIP bigG as embedders 0 and 1; the refiner only bigG, as 0."""
+    def has(prefix: str) -> bool:
+        return any(key.startswith(XL_TEXT + prefix) for key in shapes)
+
+    if has("0.transformer.") and has("1.model."):
+        return "xl-base"
+    if has("0.model.") and not has("1."):
+        return "xl-refiner"
+    found = sorted({".".join(key.split(".")[:4]) for key in shapes if key.startswith(XL_TEXT)})
+    raise LoadError(f"this SDXL-style checkpoint has text encoders {', '.join(found)}, which match neither SDXL base "
+                    "(conditioner.embedders.0.transformer + 1.model) nor the refiner (0.model alone): pass its own "
+                    "--config")
 
 
 def looks_like_v_prediction(ckpt_path: str | os.PathLike) -> bool:

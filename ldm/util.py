@@ -21,6 +21,10 @@ IGNORED_CONFIG_KEYS = frozenset({
     "use_checkpoint", "use_fp16", "use_bf16", "freeze",
     # hub names and device strings: this package never downloads and chooses the device when loading
     "device",
+    # generative-models (SDXL) training and logging settings
+    "optimizer_config", "loss_fn_config", "ema_decay_rate", "input_key", "log_keys", "no_cond_log",
+    # generative-models run-time options that txt2img chooses per run (--precision, --compile, --vae_slicing)
+    "disable_first_stage_autocast", "compile_model", "en_and_decode_n_samples_a_time",
 })
 
 

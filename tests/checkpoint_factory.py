@@ -47,3 +47,12 @@ def write_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path, ligh
 def make_tiny_checkpoint(path: str | Path, family: str = "v1", seed: int = 0) -> Path:
     """A tiny v1 or v2 checkpoint at `path` from tests/configs/tiny-<family>.yaml."""
     return write_checkpoint(random_state_dict(TEST_CONFIGS / f"tiny-{family}.yaml", seed), path)
+
+
+def make_tiny_xl_checkpoint(path: str | Path, family: str = "xl", seed: int = 0) -> Path:
+    """A tiny SDXL base ("xl") or refiner ("xl-refiner") checkpoint at `path` from tests/configs/tiny-<family>.yaml,
+    holding what the released SDXL files hold: no CompVis schedule buffers."""
+    from ldm.loading import SCHEDULE_KEYS
+
+    state_dict = random_state_dict(TEST_CONFIGS / f"tiny-{family}.yaml", seed)
+    return write_checkpoint({key: value for key, value in state_dict.items() if key not in SCHEDULE_KEYS}, path)

@@ -1,6 +1,9 @@
-"""The README stays true: every txt2img flag is in its table, and its commands name files that exist."""
+"""The README stays true: every txt2img flag is in its table, img2img's own flags and defaults in its table, and its
+commands name files that exist."""
+import argparse
 from pathlib import Path
 
+from ldm.cli import img2img
 from ldm.cli.arguments import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,8 +18,22 @@ def test_every_flag_is_documented_in_the_readme():
     assert not missing, f"README flag table lacks {missing}"
 
 
+def test_img2img_flags_and_defaults_of_its_own_are_in_its_table():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## `scripts/img2img.py`")[1].split("\n## ")[0]
+    txt2img = {action.dest: action for action in build_parser()._actions}
+    own = [action for action in img2img.build_parser()._actions
+           if action.option_strings and action.help != argparse.SUPPRESS and action.dest != "help"
+           and (action.dest not in txt2img or action.default != txt2img[action.dest].default)]
+    rows = {action.option_strings[0]: "none" if action.default is None else str(action.default) for action in own}
+    assert {"--init-img", "--strength", "--outdir", "--n_iter", "--n_samples", "--scale"} <= set(rows)
+    missing = [flag for flag, default in rows.items() if f"| `{flag}` | `{default}`" not in section]
+    assert not missing, f"README img2img table lacks (or has another default for) {missing}"
+
+
 def test_readme_paths_exist():
-    for path in ("constraints.txt", "scripts/txt2img.py", "configs/stable-diffusion/v1-inference.yaml",
+    for path in ("constraints.txt", "scripts/txt2img.py", "scripts/img2img.py",
+                 "configs/stable-diffusion/v1-inference.yaml",
                  "configs/stable-diffusion/v2-inference.yaml", "configs/stable-diffusion/v2-inference-v.yaml",
                  "models/ldm/stable-diffusion-v1/README.md", ".ci/run"):
         assert (ROOT / path).exists(), path

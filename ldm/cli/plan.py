@@ -152,6 +152,7 @@ def check_files(opt: argparse.Namespace) -> None:
 
 
 SD_DEFAULTS = {"f": 8, "C": 4, "H": 512, "W": 512}  # the CompVis flag defaults, which every SD config agrees with
+SDXL_SIZE = 1024  # SDXL (generative-models) configs give no image_size; base and refiner were trained at 1024
 
 
 def fill_model_defaults(opt: argparse.Namespace, config: Any | None) -> None:
@@ -160,7 +161,8 @@ def fill_model_defaults(opt: argparse.Namespace, config: Any | None) -> None:
     if config is not None:
         try:
             f, channels, _ = model_geometry(config)
-            size = int(config.model.params.get("image_size", SD_DEFAULTS["H"] // f)) * f
+            default = (SDXL_SIZE if "network_config" in config.model.params else SD_DEFAULTS["H"]) // f
+            size = int(config.model.params.get("image_size", default)) * f
             values = {"f": f, "C": channels, "H": size, "W": size}
         except (AttributeError, KeyError, TypeError, ValueError):  # another kind of config: CompVis defaults
             pass
@@ -174,8 +176,9 @@ def model_geometry(config: Any) -> tuple[int, int, int]:
     params = config.model.params
     ddconfig = params.first_stage_config.params.ddconfig
     f = 2 ** (len(ddconfig.ch_mult) - 1)
-    channels = int(params.unet_config.params.get("in_channels", params.get("channels", 4)))
-    unet_factor = 2 ** (len(params.unet_config.params.channel_mult) - 1)
+    unet = params.unet_config if "unet_config" in params else params.network_config  # SDXL's name for it
+    channels = int(unet.params.get("in_channels", params.get("channels", 4)))
+    unet_factor = 2 ** (len(unet.params.channel_mult) - 1)
     return f, channels, unet_factor
 
 

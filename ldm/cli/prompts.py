@@ -20,7 +20,7 @@ OVERRIDE_TYPES: dict[str, tuple[type, ...]] = {
     "sampler": (str,), "eta": (int, float),
 }
 # Keys sidecars carry that say which model made the image: kept for a warning, not settings.
-INFO_KEYS = ("model", "model_hash", "vae", "lora", "file")
+INFO_KEYS = ("model", "model_hash", "vae", "lora", "file", "strength", "init_image", "init_image_hash")
 
 
 class PromptFileError(ValueError):

@@ -219,17 +219,19 @@ class Run:
 
         return run_in_sub_batches(self.render_exactly, batch, on_retry, on_exhausted)
 
+    def warm_up_steps(self) -> int:
+        """DDIM steps for a warm-up that runs the UNet once."""
+        return 1
+
     def render_exactly(self, batch: list[PlannedImage], warm_up: bool = False) -> np.ndarray:
         """Pixels of `batch`; with `warm_up`, only one DDIM step, and nothing counted in the summary."""
         settings, model = batch[0].settings, self.model
-        sampler, steps, eta = ("ddim", 1, 0.0) if warm_up else (settings["sampler"], settings["steps"], settings["eta"])
+        sampler, steps, eta = (("ddim", self.warm_up_steps(), 0.0) if warm_up
+                               else (settings["sampler"], settings["steps"], settings["eta"]))
         start = time.perf_counter()
         self.stage = "sampling"
         with torch.no_grad():
-            cond = model.get_learned_conditioning([image.prompt for image in batch])
-            uncond = None
-            if settings["scale"] != 1.0:
-                uncond = model.get_learned_conditioning([image.negative_prompt for image in batch])
+            cond, uncond = self.conditioning(batch)
             latents, steps = self.sample_latents(batch, cond, uncond, sampler, steps, eta)
             torch.isfinite(latents).all().item()  # waits for the device, so the time below is the sampling time
             sampled = time.perf_counter()
@@ -238,6 +240,18 @@ class Run:
         if not warm_up:
             self.summary.add_batch(len(batch), steps, sampled - start, time.perf_counter() - sampled)
         return pixels
+
+    def conditioning(self, batch: list[PlannedImage]) -> tuple[Any, Any]:
+        """(prompts, negative prompts) conditioning; no negative half without guidance. SDXL models also take the
+        image size (their size conditioning) and make an empty negative prompt zeros, as diffusers does."""
+        settings, model = batch[0].settings, self.model
+        prompts, negatives = [image.prompt for image in batch], [image.negative_prompt for image in batch]
+        if not hasattr(model, "get_unconditional_conditioning"):
+            uncond = model.get_learned_conditioning(negatives) if settings["scale"] != 1.0 else None
+            return model.get_learned_conditioning(prompts), uncond
+        size = {"original_size": (settings["H"], settings["W"]), "target_size": (settings["H"], settings["W"])}
+        uncond = model.get_unconditional_conditioning(negatives, **size) if settings["scale"] != 1.0 else None
+        return model.get_learned_conditioning(prompts, **size), uncond
 
     def sample_latents(self, batch: list[PlannedImage], cond: Any, uncond: Any, sampler: str, steps: int,
                        eta: float | None) -> tuple[torch.Tensor, int]:

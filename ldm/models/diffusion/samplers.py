@@ -122,15 +122,8 @@ def sample(model: Any, name: str, steps: int, shape: Sequence[int], cond: Any, u
     with at least "i" (step index) and "denoised" (the current clean-latent estimate) once per step.
     """
     spec = resolve_sampler(name)
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
     shape = tuple(int(size) for size in shape)
-    if len(shape) != 4 or shape[0] != len(noise):
-        raise ValueError(f"shape {shape} must be [batch, channels, height, width] with batch = {len(noise)}, "
-                         "the number of seeds in `noise`")
-    if eta is not None and eta != 0 and not spec.stochastic:
-        raise ValueError(f"sampler {spec.name!r} is deterministic and takes no eta (got eta={eta}); "
-                         "use an ancestral or SDE sampler, or ddim, for eta > 0")
+    _check_request(spec, steps, shape, noise, eta)
     if x_T is None:
         x_T = noise.randn(shape, device=model.device, dtype=torch.float32)
     elif tuple(x_T.shape) != shape:
@@ -141,12 +134,88 @@ def sample(model: Any, name: str, steps: int, shape: Sequence[int], cond: Any, u
 
     denoiser = make_denoiser(model)
     sigmas = spec.sigmas(denoiser, steps).to(x_T.device)
-    x = x_T * sigmas[0]
+    return _run_k_sampler(spec, denoiser, x_T * sigmas[0], sigmas, cond, uncond, scale, noise, eta, callback, disable)
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """How many of `steps` an img2img run with `strength` takes: int(strength * steps), as CompVis counts t_enc."""
+    if not 0.0 <= strength <= 1.0:  # also refuses NaN
+        raise ValueError(f"strength must lie in [0, 1] (0 keeps the image, 1 replaces it), got {strength}")
+    return int(strength * steps)
+
+
+def sample_img2img(model: Any, name: str, steps: int, x_init: torch.Tensor, strength: float, cond: Any, uncond: Any,
+                   scale: float, noise: ImageNoise, eta: float | None = None,
+                   disable: bool | None = None) -> torch.Tensor:
+    """Latents [B, C, H, W] made from clean latents `x_init` of that shape: noised part of the way, then denoised by
+    sampler `name` over the last t_enc = int(`strength` * `steps`) steps of its `steps`-step schedule (SDEdit,
+    Meng et al. 2021). The noise comes from `noise`, after whatever the caller drew from it for `x_init`.
+
+    ddim does what CompVis' img2img does: `stochastic_encode` to DDIM step t_enc, one step above the first step it
+    takes, then `decode` through t_enc steps; t_enc = 0 returns those noised latents. Where t_enc is past the last
+    DDIM step (strength 1, on which CompVis fails with an index error) it starts from pure noise, as txt2img does.
+    The k-diffusion samplers noise to their schedule's sigma at the first step they take and run the schedule's last
+    t_enc + 1 sigmas, as A1111 and diffusers do; t_enc = 0 returns `x_init`. plms and dpm_solver cannot start from
+    an image (CompVis refuses plms there too).
+    """
+    spec = resolve_sampler(name)
+    _check_request(spec, steps, tuple(x_init.shape), noise, eta)
+    t_enc = img2img_steps(steps, strength)
+    if spec.name == "ddim":
+        return _ddim_img2img(spec, model, steps, x_init, t_enc, cond, uncond, scale, noise, eta, disable)
+    if spec.compvis is not None:
+        raise ValueError(f"sampler {spec.name!r} cannot start from an image: use ddim or a k-diffusion sampler "
+                         f"(euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc, ...)")
+    denoiser = make_denoiser(model)
+    sigmas = spec.sigmas(denoiser, steps).to(x_init.device)[steps - t_enc:]
+    x = x_init + noise.randn_like(x_init) * sigmas[0]
+    if t_enc == 0:
+        return x
+    return _run_k_sampler(spec, denoiser, x, sigmas, cond, uncond, scale, noise, eta, None, disable)
+
+
+def resolves_img2img(name: str) -> bool:
+    """Whether `sample_img2img` can run sampler `name` (ddim and the k-diffusion samplers can)."""
+    spec = resolve_sampler(name)
+    return spec.name == "ddim" or spec.compvis is None
+
+
+def _check_request(spec: SamplerSpec, steps: int, shape: tuple[int, ...], noise: ImageNoise,
+                   eta: float | None) -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if len(shape) != 4 or shape[0] != len(noise):
+        raise ValueError(f"shape {shape} must be [batch, channels, height, width] with batch = {len(noise)}, "
+                         "the number of seeds in `noise`")
+    if eta is not None and eta != 0 and not spec.stochastic:
+        raise ValueError(f"sampler {spec.name!r} is deterministic and takes no eta (got eta={eta}); "
+                         "use an ancestral or SDE sampler, or ddim, for eta > 0")
+
+
+def _run_k_sampler(spec: SamplerSpec, denoiser: CompVisDenoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: Any,
+                   uncond: Any, scale: float, noise: ImageNoise, eta: float | None,
+                   callback: Callable[[dict[str, Any]], None] | None, disable: bool | None) -> torch.Tensor:
     knobs: dict[str, Any] = {"noise_sampler": noise.noise_sampler(x)}
     if eta is not None and spec.stochastic:
         knobs["eta"] = eta
     extra_args = {"cond": cond, "uncond": uncond, "cond_scale": scale}
     return spec.function(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **knobs)
+
+
+def _ddim_img2img(spec: SamplerSpec, model: Any, steps: int, x_init: torch.Tensor, t_enc: int, cond: Any,
+                  uncond: Any, scale: float, noise: ImageNoise, eta: float | None,
+                  disable: bool | None) -> torch.Tensor:
+    sampler = _load_compvis_sampler(spec.compvis)(model)
+    sampler.make_schedule(ddim_num_steps=steps, ddim_eta=0.0 if eta is None else eta, verbose=False)
+    if t_enc < len(sampler.ddim_timesteps):
+        t = torch.full((x_init.shape[0],), t_enc, dtype=torch.long)
+        x = sampler.stochastic_encode(x_init, t, noise=noise)
+    else:
+        x = noise.randn_like(x_init)
+    if t_enc == 0:
+        return x
+    return sampler.decode(x, cond, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+                          noise=noise, verbose=not disable)
 
 
 def _sample_compvis(spec: SamplerSpec, model: Any, steps: int, shape: tuple[int, ...], cond: Any, uncond: Any,
