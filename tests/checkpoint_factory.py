@@ -18,9 +18,9 @@ def random_state_dict(config_path: str | Path, seed: int = 0, overrides: dict | 
         config = OmegaConf.merge(config, OmegaConf.create({"model": {"params": overrides}}))
     model = instantiate_from_config(config.model)
     generator = torch.Generator().manual_seed(seed)
-    state_dict = {}
+    state_dict, parameters = {}, dict(model.named_parameters())
     for name, tensor in model.state_dict().items():
-        if name in dict(model.named_parameters()):
+        if name in parameters:
             fan_in = tensor[0].numel() if tensor.ndim > 1 else 1
             scale = (1.0 / fan_in) ** 0.5 if tensor.ndim > 1 else 0.1
             tensor = torch.randn(tensor.shape, generator=generator) * scale

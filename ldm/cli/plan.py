@@ -132,8 +132,8 @@ def missing_checkpoint_message(ckpt: str) -> str:
     found = sorted(name for name in os.listdir(folder) if name.lower().endswith(CHECKPOINT_SUFFIXES)) \
         if folder.is_dir() else []
     nearby = f"; found in {folder}: {', '.join(found[:5])} (pass one with --ckpt)" if found else ""
-    return (f"checkpoint {ckpt} not found: put a Stable Diffusion 1.x/2.x checkpoint there (e.g. sd-v1-4.ckpt, "
-            f"v1-5-pruned-emaonly.safetensors, v2-1_768-ema-pruned.safetensors, renamed to {Path(DEFAULT_CKPT).name} "
+    return (f"checkpoint {ckpt} not found: put a Stable Diffusion 1.x/2.x/XL checkpoint there (e.g. sd-v1-4.ckpt, "
+            f"v1-5-pruned-emaonly.safetensors, v2-1_768-ema-pruned.safetensors, sd_xl_base_1.0.safetensors, renamed to {Path(DEFAULT_CKPT).name} "
             f"in {Path(DEFAULT_CKPT).parent}) or pass --ckpt PATH{nearby}")
 
 
