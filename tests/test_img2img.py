@@ -214,6 +214,39 @@ def test_compile_warm_up_runs_the_unet_once_whatever_the_strength(cli, tmp_path,
     assert "warm-up (compile/capture, once per batch shape):" in out
 
 
+def test_metadata_from_makes_the_same_img2img_image_again(cli, tmp_path):
+    init = tmp_path / "sketch.png"
+    smooth_image(64, 64).save(init)
+    assert cli("--init-img", init, "--strength", 0.6, "--sampler", "euler_a", "--seed", 5, "--n_samples", 1,
+               "--outdir", tmp_path / "first")[0] == 0
+    first = tmp_path / "first" / "samples" / "00000"
+    status, _, err = cli("--metadata_from", first.with_suffix(".yaml"), "--outdir", tmp_path / "again")
+    assert status == 0, err
+    again = tmp_path / "again" / "samples" / "00000"
+    assert np.array_equal(pixels(first.with_suffix(".png")), pixels(again.with_suffix(".png")))
+    assert yaml.safe_load(again.with_suffix(".yaml").read_text())["strength"] == 0.6
+    # a PNG records only the init image's name: --init-img names the file
+    status, _, err = cli("--metadata_from", first.with_suffix(".png"), "--init-img", init, "--outdir",
+                         tmp_path / "from-png")
+    assert status == 0, err
+    assert np.array_equal(pixels(first.with_suffix(".png")), pixels(tmp_path / "from-png" / "samples" / "00000.png"))
+    other = tmp_path / "other.png"
+    smooth_image(64, 64, seed=1).save(other)
+    status, _, err = cli("--metadata_from", first.with_suffix(".yaml"), "--init-img", other, "--outdir",
+                         tmp_path / "other")
+    assert status == 0 and "is not the init image" in err and "the image will differ" in err
+    status, _, err = cli("--metadata_from", first.with_suffix(".png"), "--outdir", tmp_path / "no-image")
+    assert status == 2 and "which is not found here: pass it with --init-img" in err
+
+
+def test_metadata_from_a_txt2img_image_is_refused(cli, tmp_path):
+    sidecar = tmp_path / "txt.yaml"
+    sidecar.write_text("prompt: a cat\nnegative_prompt: ''\nsteps: 4\nsampler: ddim\nscale: 5.0\nseed: 1\n"
+                       "H: 64\nW: 64\neta: 0.0\n")
+    status, _, err = cli("--metadata_from", sidecar, "--outdir", tmp_path / "out")
+    assert status == 2 and "records no denoising strength: it is not an img2img image" in err
+
+
 # --- (d) bad input: one line, exit status 2, nothing written --------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
     ((), "--init-img is required"),

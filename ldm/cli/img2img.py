@@ -20,7 +20,7 @@ import torch
 from ldm.cli import arguments
 from ldm.cli.arguments import UsageError
 from ldm.cli.generation import first_stage_dtype
-from ldm.cli.metadata import ImageRecord
+from ldm.cli.metadata import ImageRecord, read_metadata_file
 from ldm.cli.plan import PlannedImage, RunPlan, model_geometry
 from ldm.cli.txt2img import Run
 from ldm.cli.txt2img import main as run_main
@@ -39,8 +39,7 @@ Each image's posterior sample and noise come from its own seed.
 
 """ + arguments.EPILOG
 # txt2img flags that make no sense here: hidden from --help and refused when given
-TXT2IMG_ONLY = {"laion400m": "selects CompVis' LAION-400M text-to-image model",
-                "metadata_from": "re-runs a txt2img image"}
+TXT2IMG_ONLY = {"laion400m": "selects CompVis' LAION-400M text-to-image model"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +133,27 @@ class Img2ImgRecord(ImageRecord):
         return pairs + ([("Init image hash", self.init_image_hash)] if self.init_image_hash else [])
 
 
+def apply_recorded_img2img_settings(opt: argparse.Namespace) -> str | None:
+    """--metadata_from an img2img image: its strength, and its init image unless --init-img names one (a PNG records
+    only the file's name). Returns the recorded init image hash, to compare with the file's."""
+    if not opt.metadata_from:
+        return None
+    try:
+        record = read_metadata_file(opt.metadata_from)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if "strength" not in record:
+        raise UsageError(f"{opt.metadata_from} records no denoising strength: it is not an img2img image (re-run "
+                         f"a txt2img image with scripts/txt2img.py --metadata_from)")
+    opt.strength = float(record["strength"])
+    if opt.init_img is None:
+        opt.init_img = record.get("init_image")
+        if not opt.init_img or not os.path.isfile(opt.init_img):
+            raise UsageError(f"{opt.metadata_from} was made from the init image {opt.init_img or '(unnamed)'}, "
+                             f"which is not found here: pass it with --init-img")
+    return record.get("init_image_hash")
+
+
 class Img2ImgRun(Run):
     """txt2img's run, starting every batch from the encoded init image instead of pure noise."""
 
@@ -144,6 +164,7 @@ class Img2ImgRun(Run):
         for flag, reason in TXT2IMG_ONLY.items():
             if getattr(opt, flag):
                 raise UsageError(f"--{flag} {reason}: img2img does not take it")
+        recorded_hash = apply_recorded_img2img_settings(opt)
         if not 0.0 <= opt.strength <= 1.0:  # also refuses NaN
             raise UsageError(f"--strength {opt.strength} is outside [0, 1]: 0 keeps the init image, 1 replaces it")
         self.init_image = load_init_image(opt.init_img)
@@ -156,6 +177,9 @@ class Img2ImgRun(Run):
         if not opt.no_metadata:
             from ldm.checkpoints import model_hash
             self.init_image_hash = model_hash(opt.init_img)
+        if recorded_hash and self.init_image_hash and recorded_hash != self.init_image_hash:
+            self.note(f"{opt.init_img} is not the init image {opt.metadata_from} was made from (hash "
+                      f"{self.init_image_hash}, recorded {recorded_hash}): the image will differ")
         self.posteriors: dict[tuple[int, int], Any] = {}  # (W, H) -> the encoded init image at that size
 
     def size_multiple(self, opt: argparse.Namespace) -> int:

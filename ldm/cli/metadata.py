@@ -124,7 +124,9 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
                               "negative_prompt": "\n".join(lines[negative_at:])[len(NEGATIVE_PREFIX):]}
     converters = {"Steps": ("steps", int), "Sampler": ("sampler", str), "CFG scale": ("scale", float),
                   "Seed": ("seed", int), "Model hash": ("model_hash", str), "Model": ("model", str),
-                  "VAE": ("vae", str), "Lora": ("lora", str), "Eta": ("eta", float)}
+                  "VAE": ("vae", str), "Lora": ("lora", str), "Eta": ("eta", float),
+                  "Denoising strength": ("strength", float), "Init image": ("init_image", str),
+                  "Init image hash": ("init_image_hash", str)}
     for key, (name, convert) in converters.items():
         if key in pairs:
             result[name] = convert(pairs[key])
