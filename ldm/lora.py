@@ -1,25 +1,32 @@
 """Apply a kohya-style LoRA file to a loaded model by merging it into the weights: W += m * alpha / rank * up @ down.
 
-Module names are the model's own paths with dots as underscores, `lora_unet_` + a path under
-`model.diffusion_model` (`lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q`, the naming kohya's SDXL
-scripts, ComfyUI and A1111 share) and `lora_te_` + a path under `cond_stage_model.transformer` for the CLIP text
-encoder of SD 1.x (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`). Each module has `.lora_down.weight`,
-`.lora_up.weight` and optionally `.alpha` (default: the rank). Linear layers, 1x1 convolutions and kxk convolutions
-(LoCon: a kxk down and a 1x1 up) are supported. Kohya's SD 1.x/2.x files name the UNet's attention blocks as
-diffusers does (`lora_unet_down_blocks_0_attentions_0_...`); those block names are translated to the UNet's own.
+Module names are kohya's, as sd-scripts, A1111 and ComfyUI write them:
+- `lora_unet_` + a path under `model.diffusion_model` with dots as underscores
+  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, what kohya's SDXL scripts write). Kohya's SD 1.x/2.x
+  files name the attention blocks as diffusers does (`lora_unet_down_blocks_0_attentions_0_...`, also found in
+  diffusers-trained SDXL LoRAs converted to kohya's format); those block names are translated to the UNet's own.
+- the text encoders in Hugging Face CLIP names (`..._text_model_encoder_layers_0_self_attn_q_proj`, `_mlp_fc1`):
+  `lora_te_` for a model with one text encoder (SD 1.x CLIP, SD 2.x OpenCLIP ViT-H, the SDXL refiner's OpenCLIP
+  bigG), `lora_te1_` / `lora_te2_` for SDXL base's CLIP ViT-L / OpenCLIP bigG. On an OpenCLIP tower `q/k/v_proj`
+  are row blocks of the fused `attn.in_proj_weight`, `out_proj` is `attn.out_proj`, `mlp_fc1` / `mlp_fc2` are
+  `mlp.c_fc` / `mlp.c_proj`.
+Each module has `.lora_down.weight`, `.lora_up.weight` and optionally `.alpha` (default: the rank). Linear layers,
+1x1 convolutions and kxk convolutions (LoCon: a kxk down and a 1x1 up) are supported.
 """
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
+KOHYA_MODULE = re.compile(r"^lora_(?:unet|te\d*)_")
+TEXT_ENCODER_MODULE = re.compile(r"^lora_te\d*_")
 PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 # diffusers' names of the UNet's attention blocks, in kohya's underscore spelling
 DIFFUSERS_ATTENTION = re.compile(r"^lora_unet_(?:down_blocks_(\d+)_attentions_(\d+)|(mid_block_attentions_0)"
@@ -30,22 +37,68 @@ class LoraError(Exception):
     """A LoRA file that does not fit the model; the message says what and what to do."""
 
 
+@dataclass(frozen=True)
+class LoraTarget:
+    """The weight a LoRA module changes: a layer's whole weight, or a block of rows of a fused one."""
+    parameter: torch.Tensor
+    rows: slice | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The changed weight; a view when it is a block of rows, so writing to it writes the model's weight."""
+        return self.parameter if self.rows is None else self.parameter[self.rows]
+
+
 def kohya_name(prefix: str, module_path: str) -> str:
     return prefix + module_path.replace(".", "_")
 
 
-def lora_targets(model: nn.Module) -> dict[str, nn.Module]:
-    """Kohya module name -> layer, for every linear and convolution layer a LoRA file may address."""
-    targets: dict[str, nn.Module] = {}
-    unet = model.model.diffusion_model
-    for path, module in unet.named_modules():
+def text_encoder_prefixes(count: int) -> list[str]:
+    """Kohya numbers the text encoders only when a model has several (SDXL base: te1 CLIP ViT-L, te2 bigG)."""
+    return [TEXT_ENCODER_PREFIX] if count == 1 else [f"lora_te{index}_" for index in range(1, count + 1)]
+
+
+def open_clip_layers(tower: nn.Module) -> Iterator[tuple[str, LoraTarget]]:
+    """(Hugging Face CLIP path, target) for the attention and MLP weights of an OpenCLIP text tower: kohya trains on
+    the Hugging Face layout, whose separate q/k/v projections are row blocks of open_clip's fused in_proj."""
+    for index, block in enumerate(tower.transformer.resblocks):
+        layer = f"text_model.encoder.layers.{index}."
+        width = block.attn.out_proj.in_features
+        for part, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            yield f"{layer}self_attn.{name}", LoraTarget(block.attn.in_proj_weight,
+                                                         slice(part * width, (part + 1) * width))
+        yield f"{layer}self_attn.out_proj", LoraTarget(block.attn.out_proj.weight)
+        yield f"{layer}mlp.fc1", LoraTarget(block.mlp.c_fc.weight)
+        yield f"{layer}mlp.fc2", LoraTarget(block.mlp.c_proj.weight)
+
+
+def text_encoders(model: nn.Module) -> list[nn.Module]:
+    """The model's CLIP and OpenCLIP text towers in conditioning order (SDXL: embedders.0, then embedders.1)."""
+    from ldm.modules.encoders.clip_text import CLIPTextModel
+    from ldm.modules.encoders.open_clip_text import OpenCLIPTextTransformer
+
+    conditioning = getattr(model, "cond_stage_model", None)
+    if not isinstance(conditioning, nn.Module):
+        return []
+    return [module for module in conditioning.modules() if isinstance(module, (CLIPTextModel, OpenCLIPTextTransformer))]
+
+
+def lora_targets(model: nn.Module) -> dict[str, LoraTarget]:
+    """Kohya module name -> target, for every linear and convolution layer a LoRA file may address."""
+    from ldm.modules.encoders.open_clip_text import OpenCLIPTextTransformer
+
+    targets: dict[str, LoraTarget] = {}
+    for path, module in model.model.diffusion_model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            targets[kohya_name(UNET_PREFIX, path)] = module
-    transformer = getattr(model.cond_stage_model, "transformer", None)
-    if transformer is not None:
-        for path, module in transformer.named_modules():
-            if isinstance(module, nn.Linear):
-                targets[kohya_name(TEXT_ENCODER_PREFIX, path)] = module
+            targets[kohya_name(UNET_PREFIX, path)] = LoraTarget(module.weight)
+    encoders = text_encoders(model)
+    for prefix, encoder in zip(text_encoder_prefixes(len(encoders)), encoders):
+        if isinstance(encoder, OpenCLIPTextTransformer):
+            layers = open_clip_layers(encoder)
+        else:
+            layers = ((path, LoraTarget(module.weight)) for path, module in encoder.named_modules()
+                      if isinstance(module, nn.Linear))
+        targets.update((kohya_name(prefix, path), target) for path, target in layers)
     return targets
 
 
@@ -89,14 +142,14 @@ def group_lora_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, L
     foreign = []
     for key, value in state_dict.items():
         module, _, part = key.partition(".")
-        if part in PARTS and module.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX)):
+        if part in PARTS and KOHYA_MODULE.match(module):
             parts.setdefault(module, {})[part] = value
         else:
             foreign.append(key)
     if foreign:
         raise LoraError(f"{len(foreign)} key(s) are not kohya LoRA weights (e.g. {', '.join(sorted(foreign)[:3])}): "
-                        "only lora_unet_* / lora_te_* files with lora_down, lora_up and alpha are supported "
-                        "(not LyCORIS LoHa/LoKr, not diffusers/PEFT names)")
+                        "only lora_unet_* / lora_te_* / lora_te1_* / lora_te2_* files with lora_down, lora_up and "
+                        "alpha are supported (not LyCORIS LoHa/LoKr, not diffusers/PEFT names)")
     updates = {}
     for module, tensors in parts.items():
         if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
@@ -118,10 +171,25 @@ def read_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def unknown_hint(unknown: list[str], model: nn.Module) -> str:
+    """Why LoRA module names may be missing from `model`, in parentheses, or ""."""
+    encoder_prefixes = text_encoder_prefixes(len(text_encoders(model)))
+    foreign = sorted({match.group() for match in map(TEXT_ENCODER_MODULE.match, unknown) if match}
+                     - set(encoder_prefixes))
+    if foreign:
+        made_for = "SD 1.x/2.x or the SDXL refiner" if foreign == [TEXT_ENCODER_PREFIX] else "SDXL base"
+        takes = f"{'/'.join(encoder_prefixes)} names" if encoder_prefixes else "no text-encoder LoRA"
+        return f" ({'/'.join(foreign)} name the text encoders of {made_for}; this model takes {takes})"
+    if any("_resnets_" in name or "samplers_" in name for name in unknown):
+        return " (diffusers-style names are supported for attention blocks only, not res blocks)"
+    return ""
+
+
 @torch.no_grad()
 def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Tensor],
                multiplier: float = 1.0) -> int:
-    """Merge `lora` (a file or its state dict) into `model` (a loaded LatentDiffusion) with weight `multiplier`.
+    """Merge `lora` (a file or its state dict) into `model` (a loaded LatentDiffusion or SDXL
+    DiffusionEngine) with weight `multiplier`.
 
     Every module must exist and fit, or nothing is changed and LoraError says which; returns how many layers were
     changed. Merging is exact up to the weights' precision; applying again with -multiplier undoes it.
@@ -135,14 +203,8 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Te
     targets = lora_targets(model)
     unknown = sorted(name for name in updates if name not in targets)
     if unknown:
-        hint = ""
-        if any(name.startswith(TEXT_ENCODER_PREFIX) for name in unknown) and getattr(
-                model.cond_stage_model, "transformer", None) is None:
-            hint = " (text-encoder LoRAs need the CLIP text encoder of SD 1.x)"
-        elif any("_resnets_" in name or "samplers_" in name for name in unknown):
-            hint = " (diffusers-style names are supported for attention blocks only, not res blocks)"
         raise LoraError(f"{len(unknown)} LoRA module(s) do not exist in this model, e.g. {', '.join(unknown[:3])}"
-                        f"{hint}: is the LoRA made for another base model?")
+                        f"{unknown_hint(unknown, model)}: is the LoRA made for another base model?")
     deltas = {}
     for name, update in updates.items():
         weight = targets[name].weight

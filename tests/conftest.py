@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from checkpoint_factory import TEST_CONFIGS, make_tiny_checkpoint  # noqa: E402
+from checkpoint_factory import TEST_CONFIGS, make_tiny_checkpoint, make_tiny_xl_checkpoint  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -23,6 +23,14 @@ def tiny_checkpoints(tmp_path_factory) -> dict:
         for suffix in (".ckpt", ".safetensors"):
             paths[family, suffix] = make_tiny_checkpoint(folder / f"tiny-{family}{suffix}", family)
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_checkpoints(tmp_path_factory) -> dict:
+    """{"xl" | "xl-refiner": path}: tiny SDXL base and refiner .safetensors (tests/configs/tiny-xl*.yaml)."""
+    folder = tmp_path_factory.mktemp("sdxl")
+    return {family: make_tiny_xl_checkpoint(folder / f"tiny-{family}.safetensors", family, seed=3)
+            for family in ("xl", "xl-refiner")}
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +62,13 @@ def txt2img(tiny_checkpoint, tiny_config, tmp_path, capsys, monkeypatch):
         return status, captured.out, captured.err
     yield run
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def hf_vocabulary(tmp_path_factory) -> Path:
+    """A folder with vocab.json / merges.txt in the Hugging Face CLIP tokenizer layout, from our vocabulary."""
+    from test_tokenizer import write_hf_vocabulary
+
+    folder = tmp_path_factory.mktemp("vocabulary")
+    write_hf_vocabulary(folder)
+    return folder

@@ -13,7 +13,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, Sta
 from diffusers.loaders import single_file_utils
 from omegaconf import OmegaConf
 
-from checkpoint_factory import TEST_CONFIGS, make_tiny_xl_checkpoint, write_checkpoint
+from checkpoint_factory import TEST_CONFIGS, write_checkpoint
 from ldm.checkpoints import read_checkpoint, read_shapes
 from ldm.cli.plan import fill_model_defaults
 from ldm.loading import (CONFIG_DIR, LoadError, detect_family, load_config, load_model, parameters_on_meta,
@@ -23,7 +23,6 @@ from ldm.models.diffusion.samplers import sample
 from ldm.util import instantiate_from_config
 from sgm.models.diffusion import DiffusionEngine
 from test_text_encoders import for_transformers, hf_text_config
-from test_tokenizer import write_hf_vocabulary
 
 PROMPTS = ["a red circle on a blue background", "a lighthouse at dusk"]
 SIZE = 64  # pixels; latents 8 x 8
@@ -32,10 +31,8 @@ SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("sdxl")
-    return {family: make_tiny_xl_checkpoint(folder / f"tiny-{family}.safetensors", family, seed=3)
-            for family in ("xl", "xl-refiner")}
+def checkpoints(tiny_xl_checkpoints) -> dict[str, Path]:
+    return tiny_xl_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +41,8 @@ def models(checkpoints) -> dict[str, DiffusionEngine]:
 
 
 @pytest.fixture(scope="module")
-def vocabulary(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("vocabulary")
-    write_hf_vocabulary(folder)
-    return folder
+def vocabulary(hf_vocabulary) -> Path:
+    return hf_vocabulary
 
 
 def diffusers_parts(checkpoint_path: Path, family: str, vocabulary: Path) -> dict:
