@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=42)
     add("--plain", action="store_true", help="also time this project without its fast paths")
     add("--compile", action="store_true", help="also time this project under torch.compile (warm-up reported)")
+    add("--cuda-graphs", action="store_true",
+        help="also time this project replaying captured CUDA graphs of the UNet (CUDA only; capture in the warm-up)")
     add("--memory-modes", action="store_true", help="also time each memory mode (peak memory per mode)")
     add("--skip-load", action="store_true", help="skip the load benchmark")
     add("--skip-sampling", action="store_true", help="skip the sampling benchmark")
@@ -62,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.size % 8 or args.size < 64:
         parser.error(f"--size must be a multiple of 8 and at least 64, got {args.size}")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        parser.error(f"--cuda-graphs needs a CUDA device (--device cuda), got --device {args.device}")
     if args.runs < 1 or args.steps < 1:
         parser.error("--runs and --steps must be at least 1")
     return args
@@ -184,6 +188,9 @@ class OurPipeline:
             compiled = optimize.compile_model(self.model)
             self.applied = [name for name in self.applied if name != "oneDNN kernels"]
             self.applied.append(f"torch.compile({', '.join(compiled)})")
+        elif variant == "cuda graphs":
+            optimize.enable_graphs(self.model)
+            self.applied.append("CUDA graphs")
         elif variant in MEMORY_MODES:
             apply_memory_mode(self.model, variant, device)
             self.applied.append(variant)
@@ -334,6 +341,8 @@ def run_sampling_benchmark(args: argparse.Namespace, ckpt: str) -> dict:
         variants.append(("diffusers", "default"))
     if args.compile:
         variants.append(("ours", "compile"))
+    if args.cuda_graphs:
+        variants.append(("ours", "cuda graphs"))
     if args.memory_modes:
         variants += [("ours", mode) for mode in MEMORY_MODES]
     options = dict(ckpt=ckpt, config=args.config, device=args.device, precision=args.precision, size=args.size,

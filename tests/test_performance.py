@@ -497,3 +497,12 @@ def test_benchmark_pipelines_make_the_same_image(tiny_checkpoints):
     expected, _ = reference("a red cube on a table", x_T, steps=4, scale=7.5)
     assert image.shape == expected.shape == (1, 3, 64, 64)
     torch.testing.assert_close(image, expected, rtol=0, atol=2e-3)
+
+
+def test_benchmark_refuses_cuda_graphs_off_cuda(capsys):
+    benchmark = load_benchmark_script()
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(["--cuda-graphs", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "--cuda-graphs needs a CUDA device (--device cuda), got --device cpu" in capsys.readouterr().err
+    assert benchmark.parse_args(["--cuda-graphs", "--device", "cuda:0"]).cuda_graphs
