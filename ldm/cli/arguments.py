@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
              "a warm-up before the first batch, timed apart")
     add("--lora", type=str, action="append", default=None, metavar="FILE[:WEIGHT]",
         help="merge a kohya-style LoRA (.safetensors) into the model with WEIGHT (default 1.0); repeat for several")
+    add("--refiner", type=str, default=None, metavar="PATH",
+        help="SDXL: an SDXL refiner checkpoint that denoises the end of the schedule the base starts (k-diffusion "
+             "samplers; its config found as --ckpt's is)")
+    add("--refiner_switch", type=float, default=None, metavar="F",
+        help="with --refiner: the fraction of the sampling the base runs before the refiner takes over (default 0.8)")
     add("--metadata_from", type=str, default=None, metavar="FILE",
         help="regenerate one image from its .yaml sidecar (or PNG): its prompt, seed, steps, sampler, scale, size")
     return parser

@@ -39,7 +39,9 @@ Each image's posterior sample and noise come from its own seed.
 
 """ + arguments.EPILOG
 # txt2img flags that make no sense here: hidden from --help and refused when given
-TXT2IMG_ONLY = {"laion400m": "selects CompVis' LAION-400M text-to-image model"}
+TXT2IMG_ONLY = {"laion400m": "selects CompVis' LAION-400M text-to-image model",
+                "refiner": "hands SDXL's text-to-image sampling over to a refiner",
+                "refiner_switch": "is where --refiner takes over"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,10 @@ class Run:
             self.note(precision_note)
         self.config_path = resolve_config(opt.ckpt, opt.config, opt.v_prediction or None)
         check_against_model(opt, self.plan, load_config(self.config_path))
+        from ldm.cli.refiner import Refiner, RefinerRecord
+        self.refiner = Refiner.from_flags(opt, self.plan)  # --refiner: checked here, loaded beside the model
+        if self.refiner is not None:
+            self.record_type = RefinerRecord
         self.check_speed_flags()
         self.check_memory()
         for message in truncation_notes([text for batch in self.plan.batches for image in batch
@@ -134,6 +138,8 @@ class Run:
                                 vae=opt.vae, timings=self.summary.load)
         self.apply_loras()
         self.apply_speed_and_memory_flags(offload)
+        if self.refiner is not None:
+            self.refiner.load(self.device, self.dtype)
         self.model_name = Path(opt.ckpt).stem
         if not opt.no_metadata:  # hashed beside the sampling (hashlib releases the GIL); the first save waits for it
             from concurrent.futures import ThreadPoolExecutor
@@ -241,10 +247,11 @@ class Run:
             self.summary.add_batch(len(batch), steps, sampled - start, time.perf_counter() - sampled)
         return pixels
 
-    def conditioning(self, batch: list[PlannedImage]) -> tuple[Any, Any]:
-        """(prompts, negative prompts) conditioning; no negative half without guidance. SDXL models also take the
-        image size (their size conditioning) and make an empty negative prompt zeros, as diffusers does."""
-        settings, model = batch[0].settings, self.model
+    def conditioning(self, batch: list[PlannedImage], model: Any = None) -> tuple[Any, Any]:
+        """(prompts, negative prompts) conditioning of `model` (default: the run's); no negative half without
+        guidance. SDXL models also take the image size (their size conditioning) and make an empty negative prompt
+        zeros, as diffusers does."""
+        settings, model = batch[0].settings, self.model if model is None else model
         prompts, negatives = [image.prompt for image in batch], [image.negative_prompt for image in batch]
         if not hasattr(model, "get_unconditional_conditioning"):
             uncond = model.get_learned_conditioning(negatives) if settings["scale"] != 1.0 else None
@@ -261,6 +268,11 @@ class Run:
 
         settings = batch[0].settings
         shape = (len(batch), self.opt.C, settings["H"] // self.opt.f, settings["W"] // self.opt.f)
+        if self.refiner is not None and sampler == settings["sampler"]:  # not in the DDIM warm-up
+            refiner_conditioning = self.conditioning(batch, self.refiner.model)
+            latents = self.refiner.sample(self.model, shape, (cond, uncond), refiner_conditioning, sampler, steps,
+                                          settings["scale"], ImageNoise([image.seed for image in batch]), eta)
+            return latents, steps
         latents = sample(self.model, sampler, steps, shape, cond, uncond, settings["scale"],
                          ImageNoise([image.seed for image in batch]), eta=eta)
         return latents, steps
@@ -268,10 +280,11 @@ class Run:
     # --- saving ----------------------------------------------------------------------------------------------------
     def record(self, image: PlannedImage) -> ImageRecord:
         settings = image.settings
-        return ImageRecord(prompt=image.prompt, negative_prompt=image.negative_prompt, steps=settings["steps"],
-                           sampler=settings["sampler"], scale=settings["scale"], seed=image.seed, H=settings["H"],
-                           W=settings["W"], eta=settings["eta"], model=self.model_name, model_hash=self.model_hash,
-                           vae=Path(self.opt.vae).name if self.opt.vae else None, lora=self.lora_text)
+        record = ImageRecord(prompt=image.prompt, negative_prompt=image.negative_prompt, steps=settings["steps"],
+                             sampler=settings["sampler"], scale=settings["scale"], seed=image.seed, H=settings["H"],
+                             W=settings["W"], eta=settings["eta"], model=self.model_name, model_hash=self.model_hash,
+                             vae=Path(self.opt.vae).name if self.opt.vae else None, lora=self.lora_text)
+        return self.refiner.record(record) if self.refiner is not None else record
 
     def finish_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, list[bool]]:
         """Safety checker (flagged images become black) and watermark; returns the pixels and the flags."""
