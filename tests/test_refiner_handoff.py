@@ -144,3 +144,16 @@ def test_cli_refuses_bad_refiner_flags_in_one_line_before_loading(tiny_xl_checkp
     assert status == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert "Loading" not in out
+
+
+def test_metadata_from_a_handoff_image_takes_its_switch(tiny_xl_checkpoints, refiner_file, tmp_path, capsys):
+    assert main(base_flags(tiny_xl_checkpoints, tmp_path / "first") + ["--refiner", str(refiner_file),
+                                                                        "--refiner_switch", "0.6"]) == 0
+    first = tmp_path / "first" / "out" / "samples" / "00000"
+    again = base_flags(tiny_xl_checkpoints, tmp_path / "again") + ["--metadata_from", str(first.with_suffix(".png"))]
+    assert main(again + ["--refiner", str(refiner_file)]) == 0
+    assert np.array_equal(pixels(first.with_suffix(".png")), pixels(tmp_path / "again/out/samples/00000.png"))
+    capsys.readouterr()
+    assert main(base_flags(tiny_xl_checkpoints, tmp_path / "base") + ["--metadata_from",
+                                                                      str(first.with_suffix(".yaml"))]) == 0
+    assert "was finished by the refiner tiny-refiner: pass --refiner" in capsys.readouterr().err

@@ -126,7 +126,8 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
                   "Seed": ("seed", int), "Model hash": ("model_hash", str), "Model": ("model", str),
                   "VAE": ("vae", str), "Lora": ("lora", str), "Eta": ("eta", float),
                   "Denoising strength": ("strength", float), "Init image": ("init_image", str),
-                  "Init image hash": ("init_image_hash", str)}
+                  "Init image hash": ("init_image_hash", str), "Refiner": ("refiner", str),
+                  "Refiner switch at": ("refiner_switch", float)}
     for key, (name, convert) in converters.items():
         if key in pairs:
             result[name] = convert(pairs[key])

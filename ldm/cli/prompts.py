@@ -20,7 +20,8 @@ OVERRIDE_TYPES: dict[str, tuple[type, ...]] = {
     "sampler": (str,), "eta": (int, float),
 }
 # Keys sidecars carry that say which model made the image: kept for a warning, not settings.
-INFO_KEYS = ("model", "model_hash", "vae", "lora", "file", "strength", "init_image", "init_image_hash")
+INFO_KEYS = ("model", "model_hash", "vae", "lora", "file", "strength", "init_image", "init_image_hash", "refiner",
+             "refiner_switch")
 
 
 class PromptFileError(ValueError):

@@ -60,7 +60,8 @@ class Refiner:
             if opt.refiner_switch is not None:
                 raise UsageError(f"--refiner_switch {opt.refiner_switch} needs --refiner (an SDXL refiner file)")
             return None
-        switch = DEFAULT_SWITCH if opt.refiner_switch is None else opt.refiner_switch
+        recorded = plan.source_info.get("refiner_switch", DEFAULT_SWITCH)  # --metadata_from a hand-off image
+        switch = recorded if opt.refiner_switch is None else opt.refiner_switch
         if not 0.0 < switch < 1.0:  # also refuses NaN
             raise UsageError(f"--refiner_switch {switch} is outside (0, 1): it is the fraction of the sampling the "
                              f"base runs (default {DEFAULT_SWITCH})")

@@ -61,6 +61,9 @@ class Run:
         self.refiner = Refiner.from_flags(opt, self.plan)  # --refiner: checked here, loaded beside the model
         if self.refiner is not None:
             self.record_type = RefinerRecord
+        elif opt.metadata_from and self.plan.source_info.get("refiner"):
+            self.note(f"{opt.metadata_from} was finished by the refiner {self.plan.source_info['refiner']}: pass "
+                      f"--refiner with that file to make the same image (its switch is taken from the metadata)")
         self.check_speed_flags()
         self.check_memory()
         for message in truncation_notes([text for batch in self.plan.batches for image in batch
