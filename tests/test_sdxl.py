@@ -307,7 +307,7 @@ def test_txt2img_writes_sdxl_images_with_size_conditioning(checkpoints, models, 
     assert (pixels - expected).abs().max() <= 1
 
 
-def test_sdxl_configs_default_to_1024_pixels():
+def test_sdxl_configs_default_to_1024_pixels_and_turbo_files_to_512():
     class Flags:
         f = C = H = W = None
 
@@ -315,4 +315,8 @@ def test_sdxl_configs_default_to_1024_pixels():
         flags = Flags()
         fill_model_defaults(flags, load_config(CONFIG_DIR / name))
         assert (flags.H, flags.W, flags.f, flags.C) == (1024, 1024, 8, 4)
+    turbo = Flags()
+    turbo.ckpt = "models/sd_xl_turbo_1.0_fp16.safetensors"  # same config, trained at 512
+    fill_model_defaults(turbo, load_config(CONFIG_DIR / "sd_xl_base.yaml"))
+    assert (turbo.H, turbo.W) == (512, 512)
 

@@ -153,15 +153,20 @@ def check_files(opt: argparse.Namespace) -> None:
 
 SD_DEFAULTS = {"f": 8, "C": 4, "H": 512, "W": 512}  # the CompVis flag defaults, which every SD config agrees with
 SDXL_SIZE = 1024  # SDXL (generative-models) configs give no image_size; base and refiner were trained at 1024
+SDXL_TURBO_SIZE = 512  # SDXL Turbo shares the base config but was trained at 512; its files say "turbo" in the name
 
 
 def fill_model_defaults(opt: argparse.Namespace, config: Any | None) -> None:
-    """--f, --C, --H and --W that were not given: the model's own (f, latent channels, image_size x f)."""
+    """--f, --C, --H and --W that were not given: the model's own (f, latent channels, image_size x f; SDXL 1024,
+    SDXL Turbo 512)."""
     values = dict(SD_DEFAULTS)
     if config is not None:
         try:
             f, channels, _ = model_geometry(config)
-            default = (SDXL_SIZE if "network_config" in config.model.params else SD_DEFAULTS["H"]) // f
+            default = SD_DEFAULTS["H"] // f
+            if "network_config" in config.model.params:
+                turbo = "turbo" in Path(getattr(opt, "ckpt", "") or "").name.lower()
+                default = (SDXL_TURBO_SIZE if turbo else SDXL_SIZE) // f
             size = int(config.model.params.get("image_size", default)) * f
             values = {"f": f, "C": channels, "H": size, "W": size}
         except (AttributeError, KeyError, TypeError, ValueError):  # another kind of config: CompVis defaults
