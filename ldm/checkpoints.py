@@ -162,6 +162,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return unwrap_state_dict(_torch_load(path, file_format))
 
 
+def read_object(path: str | os.PathLike) -> Any:
+    """The file's whole object, read as safely as `read_checkpoint` reads it but not unwrapped: for files whose
+    tensors sit below the top level (A1111's textual-inversion `.pt`). A .safetensors file gives its tensor dict."""
+    if not os.path.isfile(path) or detect_format(path) == SAFETENSORS:
+        return read_checkpoint(path)[0]
+    return _torch_load(path, detect_format(path))
+
+
 def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Key -> shape without reading tensor data (safetensors header; a memory-mapped .ckpt)."""
     if not os.path.isfile(path):

@@ -21,17 +21,23 @@ from ldm.util import instantiate_from_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
 CONFIGS = {"v1": "v1-inference.yaml", "v2": "v2-inference.yaml", "v2-v": "v2-inference-v.yaml",
-           "xl-base": "sd_xl_base.yaml", "xl-refiner": "sd_xl_refiner.yaml"}
+           "xl-base": "sd_xl_base.yaml", "xl-refiner": "sd_xl_refiner.yaml",
+           "v1-inpainting": "v1-inpainting-inference.yaml", "v2-inpainting": "v2-inpainting-inference.yaml"}
 ADVICE = {
     "v1": "this is an SD 1.x checkpoint: use configs/stable-diffusion/v1-inference.yaml",
     "v2": "this is an SD 2.x checkpoint: use configs/stable-diffusion/v2-inference.yaml "
           "(v2-inference-v.yaml for the 768 v-prediction models)",
     "xl-base": "this is an SDXL base (or turbo) checkpoint: use configs/stable-diffusion/sd_xl_base.yaml",
     "xl-refiner": "this is an SDXL refiner checkpoint: use configs/stable-diffusion/sd_xl_refiner.yaml",
+    "v1-inpainting": "this is an SD 1.x inpainting checkpoint: use configs/stable-diffusion/"
+                     "v1-inpainting-inference.yaml",
+    "v2-inpainting": "this is an SD 2.x inpainting checkpoint: use configs/stable-diffusion/"
+                     "v2-inpainting-inference.yaml",
 }
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 XL_TEXT = "conditioner.embedders."
 EMA = "model_ema."
+TEXT_TO_IMAGE_CHANNELS, INPAINTING_CHANNELS = 4, 9  # inpainting UNets also take the mask (1) and masked image (4)
 # Keys that released checkpoints carry and that inference does not use.
 HARMLESS_KEYS = re.compile(
     # older transformers' buffer, in SD 1.x and SDXL text encoders
@@ -52,8 +58,8 @@ class LoadError(Exception):
 
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """"v1", "v2", "xl-base" (also SDXL turbo) or "xl-refiner"; a LoadError for checkpoints this package cannot run
-    (inpainting, non-SD files)."""
+    """"v1", "v2", "v1-inpainting", "v2-inpainting", "xl-base" (also SDXL turbo) or "xl-refiner"; a LoadError for
+    checkpoints this package cannot run (depth models, SDXL inpainting, non-SD files)."""
     if not any(key.startswith(UNET) for key in shapes):
         if any(key.startswith(("encoder.", "decoder.", VAE)) for key in shapes):
             raise LoadError("this file holds only an autoencoder (VAE): pass it with --vae next to a full checkpoint")
@@ -64,15 +70,20 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
                             "checkpoint (CompVis / Stability layout, e.g. sd_xl_base_1.0.safetensors)")
         raise LoadError("this file is not a Stable Diffusion checkpoint (it has no model.diffusion_model.* weights)")
     first_conv = shapes.get(UNET + "input_blocks.0.0.weight")
-    if first_conv is not None and first_conv[1] != 4:
-        raise LoadError(f"this UNet takes {first_conv[1]} input channels (an inpainting or depth model): "
-                        "txt2img needs a 4-channel text-to-image checkpoint")
+    channels = TEXT_TO_IMAGE_CHANNELS if first_conv is None else first_conv[1]
+    if channels not in (TEXT_TO_IMAGE_CHANNELS, INPAINTING_CHANNELS):
+        raise LoadError(f"this UNet takes {channels} input channels (a depth or other image-conditioned model), which "
+                        "is not supported: use a text-to-image (4-channel) or inpainting (9-channel) checkpoint")
     if any(key.startswith(XL_TEXT) for key in shapes):
+        if channels == INPAINTING_CHANNELS:
+            raise LoadError("this SDXL UNet takes 9 input channels (SDXL inpainting), which is not supported: use an "
+                            "SD 1.x/2.x inpainting checkpoint, or the SDXL base with scripts/inpaint.py")
         return _sdxl_family(shapes)
+    suffix = "-inpainting" if channels == INPAINTING_CHANNELS else ""
     if any(key.startswith(TEXT + "model.") for key in shapes):
-        return "v2"
+        return "v2" + suffix
     if any(key.startswith(TEXT + "transformer.") for key in shapes):
-        return "v1"
+        return "v1" + suffix
     raise LoadError("cannot tell the model family: the checkpoint has no text encoder weights (cond_stage_model.*)")
 
 

@@ -17,6 +17,8 @@ IGNORED_CONFIG_KEYS = frozenset({
     "load_only_unet", "loss_type", "l_simple_weight", "original_elbo_weight", "learn_logvar", "logvar_init",
     "v_posterior", "use_positional_encodings", "scale_by_std", "concat_mode", "cond_stage_forward",
     "make_it_fit", "reset_ema", "reset_num_ema_updates", "unet_trainable", "colorize_nlabels",
+    # fine-tuning a text-to-image model into an inpainting one (Stability's LatentFinetuneDiffusion)
+    "finetune_keys", "keep_finetune_dims", "c_concat_log_start", "c_concat_log_end",
     # memory-saving recomputation during training; precision is chosen at load time instead of by the yaml
     "use_checkpoint", "use_fp16", "use_bf16", "freeze",
     # hub names and device strings: this package never downloads and chooses the device when loading

@@ -45,7 +45,7 @@ def write_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path, ligh
 
 
 def make_tiny_checkpoint(path: str | Path, family: str = "v1", seed: int = 0) -> Path:
-    """A tiny v1 or v2 checkpoint at `path` from tests/configs/tiny-<family>.yaml."""
+    """A tiny checkpoint at `path` from tests/configs/tiny-<family>.yaml: "v1", "v2" or "v1-inpainting" (9-channel)."""
     return write_checkpoint(random_state_dict(TEST_CONFIGS / f"tiny-{family}.yaml", seed), path)
 
 

@@ -1,7 +1,6 @@
 """The strict loader: formats told by bytes, safe unpickling, key checks with actionable messages, EMA, no init."""
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import types
@@ -215,7 +214,7 @@ def test_config_is_recognised_from_keys(config_name, file_name, flag, expected):
 
 @pytest.mark.parametrize("change, message", [
     (lambda s: s.update({"conditioner.embedders.0.transformer.x": (1,)}), "SDXL"),
-    (lambda s: s.update({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}), "inpainting"),
+    (lambda s: s.update({"model.diffusion_model.input_blocks.0.0.weight": (320, 5, 3, 3)}), "depth"),
     (lambda s: [s.pop(k) for k in list(s) if k.startswith("model.diffusion_model.")], "only an autoencoder"),
 ])
 def test_unsupported_checkpoints_get_one_clear_line(change, message):

@@ -23,10 +23,11 @@ SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear
                 set_alpha_to_one=False)
 
 
-def diffusers_pipeline(checkpoint_path, tmp_path, scheduler) -> StableDiffusionPipeline:
-    """diffusers' pipeline assembled from our checkpoint file with diffusers' own original-checkpoint converters."""
+def diffusers_pipeline(checkpoint_path, tmp_path, scheduler, config: str = "tiny-v1.yaml") -> StableDiffusionPipeline:
+    """diffusers' pipeline assembled from our checkpoint file (made from tests/configs/`config`) with diffusers' own
+    original-checkpoint converters."""
     checkpoint, _ = read_checkpoint(checkpoint_path)
-    original = OmegaConf.to_container(OmegaConf.load(str(TEST_CONFIGS / "tiny-v1.yaml")))
+    original = OmegaConf.to_container(OmegaConf.load(str(TEST_CONFIGS / config)))
     unet_config = single_file_utils.create_unet_diffusers_config_from_ldm(original, checkpoint)
     unet = UNet2DConditionModel(**unet_config)
     unet.load_state_dict(single_file_utils.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
              "a warm-up before the first batch, timed apart")
     add("--lora", type=str, action="append", default=None, metavar="FILE[:WEIGHT]",
         help="merge a kohya-style LoRA (.safetensors) into the model with WEIGHT (default 1.0); repeat for several")
+    add("--embeddings", type=str, action="append", default=None, metavar="DIR_OR_FILE",
+        help="textual-inversion embeddings (.pt, .bin, .safetensors; a folder: all of them): a prompt or negative "
+             "prompt naming a file's stem as a word uses its vectors; repeat for several")
     add("--refiner", type=str, default=None, metavar="PATH",
         help="SDXL: an SDXL refiner checkpoint that denoises the end of the schedule the base starts (k-diffusion "
              "samplers; its config found as --ckpt's is)")
@@ -143,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --refiner: the fraction of the sampling the base runs before the refiner takes over (default 0.8)")
     add("--metadata_from", type=str, default=None, metavar="FILE",
         help="regenerate one image from its .yaml sidecar (or PNG): its prompt, seed, steps, sampler, scale, size")
+    add("--prompt_weighting", action="store_true",
+        help="read prompts and negative prompts as AUTOMATIC1111 does: (word), [word], (word:1.2) weights, BREAK, "
+             "and prompts past 75 tokens in chunks of 75 (default: off, plain text as CompVis, cut at 75 tokens)")
     return parser
 
 

@@ -72,21 +72,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # --- the init image ---------------------------------------------------------------------------------------------------
-def load_init_image(path: str | None) -> Any:
-    """The image at `path` as an RGB PIL image, fully read; UsageError (one line) when it cannot be."""
+def load_init_image(path: str | None, flag: str = "--init-img", purpose: str = "the image to start from") -> Any:
+    """The image at `path` (given with `flag`) as an RGB PIL image, fully read; UsageError (one line) when it cannot
+    be."""
     from PIL import Image, UnidentifiedImageError
 
     if not path:
-        raise UsageError("--init-img is required: pass the image to start from (PNG, JPEG, ...)")
+        raise UsageError(f"{flag} is required: pass {purpose} (PNG, JPEG, ...)")
     if not os.path.isfile(path):
-        raise UsageError(f"--init-img {path} not found: pass the path of an image file")
+        raise UsageError(f"{flag} {path} not found: pass the path of an image file")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except UnidentifiedImageError:
-        raise UsageError(f"--init-img {path} is not an image PIL can read: use a PNG, JPEG or WebP file") from None
+        raise UsageError(f"{flag} {path} is not an image PIL can read: use a PNG, JPEG or WebP file") from None
     except (OSError, ValueError) as error:  # truncated or damaged files fail while decoding
-        raise UsageError(f"--init-img {path} cannot be read: {error}") from None
+        raise UsageError(f"{flag} {path} cannot be read: {error}") from None
 
 
 def fit_size(width: int, height: int, multiple: int) -> tuple[int, int]:
@@ -112,13 +113,10 @@ def encode_init_image(model: Any, image: torch.Tensor) -> Any:
 
 
 def init_latents(model: Any, posterior: Any, noise: ImageNoise) -> torch.Tensor:
-    """One posterior sample per seed of `noise` ([B, C, h, w] float32, times the model's scale factor).
+    """One posterior sample per seed of `noise`, each the first draw of its image's stream (see `encoded_latents`)."""
+    from ldm.models.diffusion.samplers import encoded_latents
 
-    Each takes its noise from its own image's generator, as the first draw of that image's stream: diffusers'
-    img2img draws the same with one generator per image, and the image then depends on its seed alone.
-    """
-    return torch.cat([model.get_first_stage_encoding(posterior, generator=generator)
-                      for generator in noise.generators]).float()
+    return encoded_latents(model, posterior, noise)
 
 
 # --- the run ----------------------------------------------------------------------------------------------------------
@@ -135,24 +133,40 @@ class Img2ImgRecord(ImageRecord):
         return pairs + ([("Init image hash", self.init_image_hash)] if self.init_image_hash else [])
 
 
-def apply_recorded_img2img_settings(opt: argparse.Namespace) -> str | None:
-    """--metadata_from an img2img image: its strength, and its init image unless --init-img names one (a PNG records
-    only the file's name). Returns the recorded init image hash, to compare with the file's."""
+def read_recorded(opt: argparse.Namespace) -> dict[str, Any] | None:
+    """The --metadata_from record (None without the flag); UsageError (one line) when it cannot be read."""
     if not opt.metadata_from:
         return None
     try:
-        record = read_metadata_file(opt.metadata_from)
+        return read_metadata_file(opt.metadata_from)
     except ValueError as error:
         raise UsageError(str(error)) from None
+
+
+def take_recorded_file(opt: argparse.Namespace, record: dict[str, Any], attribute: str, key: str, what: str,
+                       flag: str) -> None:
+    """`opt.<attribute>` := the file `record[key]` when the flag did not name one; it must exist here (a PNG records
+    only a file's name)."""
+    if getattr(opt, attribute) is not None:
+        return
+    path = record.get(key)
+    setattr(opt, attribute, path)
+    if not path or not os.path.isfile(path):
+        raise UsageError(f"{opt.metadata_from} was made from {what} {path or '(none recorded)'}, which is not found "
+                         f"here: pass it with {flag}")
+
+
+def apply_recorded_img2img_settings(opt: argparse.Namespace) -> str | None:
+    """--metadata_from an img2img image: its strength, and its init image unless --init-img names one. Returns the
+    recorded init image hash, to compare with the file's."""
+    record = read_recorded(opt)
+    if record is None:
+        return None
     if "strength" not in record:
         raise UsageError(f"{opt.metadata_from} records no denoising strength: it is not an img2img image (re-run "
                          f"a txt2img image with scripts/txt2img.py --metadata_from)")
     opt.strength = float(record["strength"])
-    if opt.init_img is None:
-        opt.init_img = record.get("init_image")
-        if not opt.init_img or not os.path.isfile(opt.init_img):
-            raise UsageError(f"{opt.metadata_from} was made from the init image {opt.init_img or '(unnamed)'}, "
-                             f"which is not found here: pass it with --init-img")
+    take_recorded_file(opt, record, "init_img", "init_image", "the init image", "--init-img")
     return record.get("init_image_hash")
 
 

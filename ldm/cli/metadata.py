@@ -63,9 +63,16 @@ class ImageRecord:
     model_hash: str = ""
     vae: str | None = None
     lora: str | None = None  # "name:weight, ..." of the LoRA files merged into the model
+    embeddings: str | None = None  # "name: hash, ..." of the textual-inversion embeddings the prompts use
+    prompt_weighting: bool = False  # prompts read with A1111's weights and chunks (--prompt_weighting)
 
     def to_mapping(self) -> dict[str, Any]:
-        return asdict(self)
+        mapping = asdict(self)
+        if not self.prompt_weighting:  # plain reading (CompVis'): sidecars stay as they were before the flag
+            del mapping["prompt_weighting"]
+        if self.embeddings is None:  # likewise without --embeddings
+            del mapping["embeddings"]
+        return mapping
 
     def extra_parameters(self) -> list[tuple[str, str]]:
         """(key, value) pairs a subclass adds at the end of the "parameters" text (img2img: its strength)."""
@@ -102,8 +109,12 @@ def parameters_text(record: ImageRecord) -> str:
         pairs.append(("VAE", record.vae))
     if record.lora:
         pairs.append(("Lora", record.lora))
+    if record.embeddings:
+        pairs.append(("TI hashes", record.embeddings))
     if record.eta is not None:
         pairs.append(("Eta", _number(record.eta)))
+    if record.prompt_weighting:
+        pairs.append(("Prompt weighting", "true"))
     pairs.extend(record.extra_parameters())
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in pairs))
     return "\n".join(lines)
@@ -124,10 +135,12 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
                               "negative_prompt": "\n".join(lines[negative_at:])[len(NEGATIVE_PREFIX):]}
     converters = {"Steps": ("steps", int), "Sampler": ("sampler", str), "CFG scale": ("scale", float),
                   "Seed": ("seed", int), "Model hash": ("model_hash", str), "Model": ("model", str),
-                  "VAE": ("vae", str), "Lora": ("lora", str), "Eta": ("eta", float),
+                  "VAE": ("vae", str), "Lora": ("lora", str), "TI hashes": ("embeddings", str), "Eta": ("eta", float),
                   "Denoising strength": ("strength", float), "Init image": ("init_image", str),
-                  "Init image hash": ("init_image_hash", str), "Refiner": ("refiner", str),
-                  "Refiner switch at": ("refiner_switch", float)}
+                  "Init image hash": ("init_image_hash", str), "Mask": ("mask", str), "Mask hash": ("mask_hash", str),
+                  "Refiner": ("refiner", str),
+                  "Refiner switch at": ("refiner_switch", float),
+                  "Prompt weighting": ("prompt_weighting", lambda value: value == "true")}
     for key, (name, convert) in converters.items():
         if key in pairs:
             result[name] = convert(pairs[key])

@@ -182,9 +182,19 @@ def model_geometry(config: Any) -> tuple[int, int, int]:
     ddconfig = params.first_stage_config.params.ddconfig
     f = 2 ** (len(ddconfig.ch_mult) - 1)
     unet = params.unet_config if "unet_config" in params else params.network_config  # SDXL's name for it
-    channels = int(unet.params.get("in_channels", params.get("channels", 4)))
+    # the latents are what the UNet predicts: inpainting UNets take more channels in (mask, masked image)
+    channels = int(unet.params.get("out_channels", unet.params.get("in_channels", params.get("channels", 4))))
     unet_factor = 2 ** (len(unet.params.channel_mult) - 1)
     return f, channels, unet_factor
+
+
+def is_inpainting_config(config: Any) -> bool:
+    """Whether the config builds an inpainting model (`LatentInpaintDiffusion`: the UNet also takes the mask and the
+    masked image's latents)."""
+    try:
+        return str(config.model.target).rpartition(".")[2] == "LatentInpaintDiffusion"
+    except AttributeError:
+        return False
 
 
 def ddim_steps_fit(steps: int, timesteps: int) -> bool:

@@ -20,8 +20,8 @@ OVERRIDE_TYPES: dict[str, tuple[type, ...]] = {
     "sampler": (str,), "eta": (int, float),
 }
 # Keys sidecars carry that say which model made the image: kept for a warning, not settings.
-INFO_KEYS = ("model", "model_hash", "vae", "lora", "file", "strength", "init_image", "init_image_hash", "refiner",
-             "refiner_switch")
+INFO_KEYS = ("model", "model_hash", "vae", "lora", "embeddings", "file", "strength", "init_image", "init_image_hash",
+             "refiner", "refiner_switch", "prompt_weighting", "mask", "mask_hash")
 
 
 class PromptFileError(ValueError):
@@ -124,15 +124,32 @@ def _shorten(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def truncation_notes(prompts: list[str], context_length: int = 77) -> list[str]:
+def truncation_notes(prompts: list[str], context_length: int = 77, tokenizer: Any = None) -> list[str]:
     """One line per distinct prompt longer than the text encoder reads (context_length - 2 tokens: start and end
-    take two), naming the words it drops, as the model would otherwise ignore them silently."""
+    take two), naming the words it drops, as the model would otherwise ignore them silently. `tokenizer`: one that
+    knows the run's embeddings (default: plain CLIP)."""
     from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
 
-    tokenizer, room, notes = CLIPTokenizer(), context_length - 2, []
+    tokenizer, room, notes = tokenizer or CLIPTokenizer(), context_length - 2, []
     for prompt in dict.fromkeys(prompts):
         ids = tokenizer.encode(prompt)
         if len(ids) > room:
             notes.append(f"prompt \"{_shorten(prompt)}\" has {len(ids)} tokens but the text encoder reads {room}: "
                          f"\"{_shorten(tokenizer.decode(ids[room:]))}\" is ignored")
     return notes
+
+
+def weighting_notes(prompts: list[str], weighting: bool) -> list[str]:
+    """With --prompt_weighting, none, after checking that every prompt can be read with weights (ValueError naming
+    the first that cannot); without, one note for the run if a prompt uses A1111's weighting syntax."""
+    from ldm.modules.encoders.prompt_weighting import has_weighting_syntax, parse_prompt_attention
+
+    if weighting:
+        for prompt in dict.fromkeys(prompts):
+            parse_prompt_attention(prompt)
+        return []
+    marked = next((prompt for prompt in dict.fromkeys(prompts) if has_weighting_syntax(prompt)), None)
+    if marked is None:
+        return []
+    return [f"prompt \"{_shorten(marked)}\" uses A1111 weighting syntax ((word), [word], (word:1.2), BREAK), which "
+            f"is read as plain text: pass --prompt_weighting to read it as weights"]

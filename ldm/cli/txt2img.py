@@ -20,7 +20,7 @@ from ldm.cli.outputs import (GRID_DIGITS, SAMPLE_DIGITS, next_grid_number, next_
                              write_new_file)
 from ldm.cli.plan import (PlannedImage, RunPlan, apply_compat_flags, check_against_model, check_files,
                           fill_model_defaults, plan_batches, read_jobs)
-from ldm.cli.prompts import truncation_notes
+from ldm.cli.prompts import truncation_notes, weighting_notes
 from ldm.cli.summary import RunSummary
 
 PROG = "txt2img.py"
@@ -48,6 +48,8 @@ class Run:
         self.plan: RunPlan = self.make_plan(opt)
         check_files(opt)
         self.loras = lora_specs(opt.lora)
+        from ldm.cli.embeddings import RunEmbeddings
+        self.embeddings = RunEmbeddings(opt.embeddings)
         try:
             self.device = choose_device(opt.device)
             self.dtype, precision_note = choose_dtype(opt.precision, self.device)
@@ -56,7 +58,9 @@ class Run:
         if precision_note:
             self.note(precision_note)
         self.config_path = resolve_config(opt.ckpt, opt.config, opt.v_prediction or None)
-        check_against_model(opt, self.plan, load_config(self.config_path))
+        config = load_config(self.config_path)
+        check_against_model(opt, self.plan, config)
+        self.check_model_kind(config)
         from ldm.cli.refiner import Refiner, RefinerRecord
         self.refiner = Refiner.from_flags(opt, self.plan)  # --refiner: checked here, loaded beside the model
         if self.refiner is not None:
@@ -66,8 +70,16 @@ class Run:
                       f"--refiner with that file to make the same image (its switch is taken from the metadata)")
         self.check_speed_flags()
         self.check_memory()
-        for message in truncation_notes([text for batch in self.plan.batches for image in batch
-                                         for text in (image.prompt, image.negative_prompt)]):
+        texts = [text for image in self.plan.images for text in (image.prompt, image.negative_prompt)]
+        if opt.metadata_from and self.plan.source_info.get("prompt_weighting"):
+            opt.prompt_weighting = True  # the recorded image read its prompts with weights
+        try:
+            notes = weighting_notes(texts, opt.prompt_weighting)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if not opt.prompt_weighting:  # weighted prompts are encoded in chunks, so nothing is cut
+            notes = truncation_notes(texts, tokenizer=self.embeddings.tokenizer) + notes
+        for message in notes:
             self.note(message)
         self.watermarker = Watermarker() if opt.watermark else None
         self.safety_checker = None
@@ -109,6 +121,14 @@ class Run:
         check_weights_fit(weight_bytes_by_part(shapes, self.dtype), *memory, self.opt.offload, self.device,
                           self.dtype)
 
+    def check_model_kind(self, config: Any) -> None:
+        """Text to image (and img2img) need a text-to-image model: inpainting models also take a mask."""
+        from ldm.cli.plan import is_inpainting_config
+
+        if is_inpainting_config(config):
+            raise UsageError(f"{self.opt.ckpt} is an inpainting model (its UNet also takes a mask and the masked "
+                             f"image): use scripts/inpaint.py --init-img IMAGE --mask MASK")
+
     def note(self, message: str) -> None:
         print(f"{self.prog}: note: {message}", file=sys.stderr, flush=True)
 
@@ -140,9 +160,11 @@ class Run:
                                 use_ema=True if opt.ema else None, v_prediction=opt.v_prediction or None,
                                 vae=opt.vae, timings=self.summary.load)
         self.apply_loras()
+        self.apply_embeddings()
         self.apply_speed_and_memory_flags(offload)
         if self.refiner is not None:
             self.refiner.load(self.device, self.dtype)
+            self.embeddings.load_into(self.refiner.model)
         self.model_name = Path(opt.ckpt).stem
         if not opt.no_metadata:  # hashed beside the sampling (hashlib releases the GIL); the first save waits for it
             from concurrent.futures import ThreadPoolExecutor
@@ -176,6 +198,16 @@ class Run:
         if self.opt.metadata_from and recorded != self.lora_text:
             self.note(f"{self.opt.metadata_from} was made with LoRA {recorded or 'none'}, this run uses "
                  f"{self.lora_text or 'none'}: the image will differ")
+
+    def apply_embeddings(self) -> None:
+        """Give the text encoders each --embeddings vector set; note recorded embeddings this run lacks."""
+        self.embeddings.load_into(self.model)
+        if self.embeddings.embeddings:
+            print(f"Embeddings: {self.embeddings.summary()}", flush=True)
+        missing = self.embeddings.missing(self.plan.source_info.get("embeddings"))
+        if self.opt.metadata_from and missing:
+            self.note(f"{self.opt.metadata_from} was made with the embeddings {', '.join(missing)}, which this run "
+                      f"does not load (--embeddings): the image will differ")
 
     def apply_speed_and_memory_flags(self, offload: str | None) -> None:
         from ldm import optimize
@@ -256,10 +288,14 @@ class Run:
         zeros, as diffusers does."""
         settings, model = batch[0].settings, self.model if model is None else model
         prompts, negatives = [image.prompt for image in batch], [image.negative_prompt for image in batch]
+        size = {"original_size": (settings["H"], settings["W"]), "target_size": (settings["H"], settings["W"])}
+        if self.opt.prompt_weighting:
+            from ldm.modules.encoders.prompt_weighting import weighted_conditioning
+            return weighted_conditioning(model, prompts, negatives if settings["scale"] != 1.0 else None,
+                                         **(size if hasattr(model, "get_unconditional_conditioning") else {}))
         if not hasattr(model, "get_unconditional_conditioning"):
             uncond = model.get_learned_conditioning(negatives) if settings["scale"] != 1.0 else None
             return model.get_learned_conditioning(prompts), uncond
-        size = {"original_size": (settings["H"], settings["W"]), "target_size": (settings["H"], settings["W"])}
         uncond = model.get_unconditional_conditioning(negatives, **size) if settings["scale"] != 1.0 else None
         return model.get_learned_conditioning(prompts, **size), uncond
 
@@ -286,7 +322,10 @@ class Run:
         record = ImageRecord(prompt=image.prompt, negative_prompt=image.negative_prompt, steps=settings["steps"],
                              sampler=settings["sampler"], scale=settings["scale"], seed=image.seed, H=settings["H"],
                              W=settings["W"], eta=settings["eta"], model=self.model_name, model_hash=self.model_hash,
-                             vae=Path(self.opt.vae).name if self.opt.vae else None, lora=self.lora_text)
+                             vae=Path(self.opt.vae).name if self.opt.vae else None, lora=self.lora_text,
+                             embeddings=None if self.opt.no_metadata else
+                             self.embeddings.record_text((image.prompt, image.negative_prompt)),
+                             prompt_weighting=self.opt.prompt_weighting)
         return self.refiner.record(record) if self.refiner is not None else record
 
     def finish_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, list[bool]]:

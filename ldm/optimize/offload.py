@@ -26,7 +26,8 @@ from ldm.modules.diffusionmodules.model import AttnBlock
 
 # Modules whose forward reads their children's weights directly: they move as one piece.
 ATOMIC_MODULES = (CrossAttention, SpatialTransformer, AttnBlock)
-ENTRY_METHODS = ("forward", "encode", "decode")
+# encode_tokens: text encoders called with token ids (prompt weighting) rather than through forward
+ENTRY_METHODS = ("forward", "encode", "decode", "encode_tokens")
 
 
 def move_tensors(value: Any, device: torch.device) -> Any:

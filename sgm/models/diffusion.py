@@ -9,7 +9,7 @@ samplers' classifier-free guidance: {"crossattn": [B, 77, context], "vector": [B
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -98,16 +98,19 @@ class DiffusionEngine(LatentDiffusion):
                 "crop_coords_top_left": rows(crop_coords_top_left), "target_size_as_tuple": rows(target_size),
                 REFINER_KEY: rows([aesthetic_score])[:, 0]}
 
-    def get_learned_conditioning(self, c: str | Sequence[str] | Mapping[str, Any], **size_kwargs: Any
+    def get_learned_conditioning(self, c: str | Sequence[str] | Mapping[str, Any],
+                                 run_embedder: Callable[..., Any] | None = None, **size_kwargs: Any
                                  ) -> dict[str, torch.Tensor]:
         """Prompts (or an sgm batch dict) to {"crossattn", "vector"}; `size_kwargs` are `conditioning_batch`'s
-        original_size, crop_coords_top_left, target_size (height, width) and aesthetic_score (refiner)."""
+        original_size, crop_coords_top_left, target_size (height, width) and aesthetic_score (refiner);
+        `run_embedder` goes to the conditioner (prompt weighting)."""
         if isinstance(c, Mapping):
-            return self.conditioner(c)
+            return self.conditioner(c, run_embedder=run_embedder)
         prompts = [c] if isinstance(c, str) else list(c)
-        return self.conditioner(self.conditioning_batch(prompts, **size_kwargs))
+        return self.conditioner(self.conditioning_batch(prompts, **size_kwargs), run_embedder=run_embedder)
 
-    def get_unconditional_conditioning(self, negative_prompts: str | Sequence[str], **size_kwargs: Any
+    def get_unconditional_conditioning(self, negative_prompts: str | Sequence[str],
+                                       run_embedder: Callable[..., Any] | None = None, **size_kwargs: Any
                                        ) -> dict[str, torch.Tensor]:
         """The negative half of classifier-free guidance. With `force_zeros_for_empty_prompt`, the text part of an
         empty negative prompt is zeros (cross-attention context and pooled embedding; the sizes stay), as in
@@ -117,11 +120,11 @@ class DiffusionEngine(LatentDiffusion):
         batch = self.conditioning_batch(prompts, **size_kwargs)
         empty = torch.tensor([prompt == "" for prompt in prompts], device=self.device)
         if not self.force_zeros_for_empty_prompt or not empty.any():
-            return self.conditioner(batch)
-        zeroed = self.conditioner(batch, force_zero_embeddings=[TEXT_KEY])
+            return self.conditioner(batch, run_embedder=run_embedder)
+        zeroed = self.conditioner(batch, force_zero_embeddings=[TEXT_KEY], run_embedder=run_embedder)
         if empty.all():
             return zeroed
-        encoded = self.conditioner(batch)
+        encoded = self.conditioner(batch, run_embedder=run_embedder)
         return {key: torch.where(empty.reshape(-1, *[1] * (value.ndim - 1)), zeroed[key], value)
                 for key, value in encoded.items()}
 

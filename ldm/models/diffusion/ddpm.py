@@ -181,3 +181,22 @@ class LatentDiffusion(nn.Module):
     def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x) * noise
                 - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x) * x)
+
+
+class LatentInpaintDiffusion(LatentDiffusion):
+    """The inpainting models (RunwayML's sd-v1-5-inpainting, Stability's 512-inpainting-ema): a `hybrid` UNet fed the
+    latents with the downsampled mask and the masked image's latents concatenated, in the order of `concat_keys`."""
+
+    def __init__(self, *args: Any, concat_keys: Sequence[str] = ("mask", "masked_image"),
+                 masked_image_key: str = "masked_image", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if masked_image_key not in concat_keys:
+            raise ValueError(f"masked_image_key {masked_image_key!r} is not one of concat_keys {list(concat_keys)}")
+        self.concat_keys = tuple(concat_keys)
+        self.masked_image_key = masked_image_key
+
+    def inpainting_conditioning(self, c: Any, mask: torch.Tensor, masked_image_latents: torch.Tensor) -> dict:
+        """The hybrid conditioning of text conditioning `c` for a mask [B, 1, h, w] (1 = repaint) and the masked
+        image's latents [B, C, h, w]: `{"c_concat": [mask and latents in concat_keys order], "c_crossattn": [c]}`."""
+        parts = [masked_image_latents if key == self.masked_image_key else mask for key in self.concat_keys]
+        return {"c_concat": [torch.cat(parts, dim=1)], "c_crossattn": [c]}

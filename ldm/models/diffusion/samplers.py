@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -17,6 +17,9 @@ from ldm.models.diffusion.k_denoisers import CompVisDenoiser, make_denoiser
 from ldm.models.diffusion.k_schedules import get_sigmas_karras
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.uni_pc import sample_unipc
+
+if TYPE_CHECKING:
+    from ldm.models.diffusion.inpainting import KnownLatents
 
 KARRAS_SUFFIX = "karras"
 
@@ -112,14 +115,17 @@ def _load_compvis_sampler(target: str) -> type:
 
 def sample(model: Any, name: str, steps: int, shape: Sequence[int], cond: Any, uncond: Any, scale: float,
            noise: ImageNoise, x_T: torch.Tensor | None = None, eta: float | None = None,
-           callback: Callable[[dict[str, Any]], None] | None = None, disable: bool | None = None) -> torch.Tensor:
+           callback: Callable[[dict[str, Any]], None] | None = None, disable: bool | None = None,
+           known: KnownLatents | None = None) -> torch.Tensor:
     """Latents [B, C, H, W] = `shape` sampled by sampler `name` in `steps` steps, with classifier-free guidance
     `scale` between `cond` and `uncond`.
 
     `x_T` is unit-variance starting noise (drawn from `noise` when None); the k-diffusion samplers start from
     x_T * sigmas[0] and take all further noise from `noise`, so each image depends only on its own seed. `eta`
     None keeps each sampler's default (1 for ancestral and SDE samplers, 0 for DDIM). `callback` receives a dict
-    with at least "i" (step index) and "denoised" (the current clean-latent estimate) once per step.
+    with at least "i" (step index) and "denoised" (the current clean-latent estimate) once per step. `known`
+    (inpainting with a text-to-image model, see inpainting.py) pastes known latents in around every model call and
+    into the result.
     """
     spec = resolve_sampler(name)
     shape = tuple(int(size) for size in shape)
@@ -130,11 +136,15 @@ def sample(model: Any, name: str, steps: int, shape: Sequence[int], cond: Any, u
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
 
     if spec.compvis is not None:
-        return _sample_compvis(spec, model, steps, shape, cond, uncond, scale, noise, x_T, eta, callback, disable)
+        latents = _sample_compvis(spec, _around_model(model, known), steps, shape, cond, uncond, scale, noise, x_T,
+                                  eta, callback, disable)
+        return _paste_known(latents, known)
 
     denoiser = make_denoiser(model)
     sigmas = spec.sigmas(denoiser, steps).to(x_T.device)
-    return _run_k_sampler(spec, denoiser, x_T * sigmas[0], sigmas, cond, uncond, scale, noise, eta, callback, disable)
+    latents = _run_k_sampler(spec, _around_denoiser(denoiser, known), x_T * sigmas[0], sigmas, cond, uncond, scale,
+                             noise, eta, callback, disable)
+    return _paste_known(latents, known)
 
 
 def img2img_steps(steps: int, strength: float) -> int:
@@ -145,8 +155,8 @@ def img2img_steps(steps: int, strength: float) -> int:
 
 
 def sample_img2img(model: Any, name: str, steps: int, x_init: torch.Tensor, strength: float, cond: Any, uncond: Any,
-                   scale: float, noise: ImageNoise, eta: float | None = None,
-                   disable: bool | None = None) -> torch.Tensor:
+                   scale: float, noise: ImageNoise, eta: float | None = None, disable: bool | None = None,
+                   start_noise: torch.Tensor | None = None, known: KnownLatents | None = None) -> torch.Tensor:
     """Latents [B, C, H, W] made from clean latents `x_init` of that shape: noised part of the way, then denoised by
     sampler `name` over the last t_enc = int(`strength` * `steps`) steps of its `steps`-step schedule (SDEdit,
     Meng et al. 2021). The noise comes from `noise`, after whatever the caller drew from it for `x_init`.
@@ -156,22 +166,38 @@ def sample_img2img(model: Any, name: str, steps: int, x_init: torch.Tensor, stre
     DDIM step (strength 1, on which CompVis fails with an index error) it starts from pure noise, as txt2img does.
     The k-diffusion samplers noise to their schedule's sigma at the first step they take and run the schedule's last
     t_enc + 1 sigmas, as A1111 and diffusers do; t_enc = 0 returns `x_init`. plms and dpm_solver cannot start from
-    an image (CompVis refuses plms there too).
+    an image (CompVis refuses plms there too). `start_noise` is the unit noise to noise `x_init` with (drawn from
+    `noise` when None); `known` is as for `sample`.
     """
     spec = resolve_sampler(name)
     _check_request(spec, steps, tuple(x_init.shape), noise, eta)
     t_enc = img2img_steps(steps, strength)
     if spec.name == "ddim":
-        return _ddim_img2img(spec, model, steps, x_init, t_enc, cond, uncond, scale, noise, eta, disable)
+        latents = _ddim_img2img(spec, _around_model(model, known), steps, x_init, t_enc, cond, uncond, scale, noise,
+                                eta, disable, start_noise)
+        return _paste_known(latents, known)
     if spec.compvis is not None:
         raise ValueError(f"sampler {spec.name!r} cannot start from an image: use ddim or a k-diffusion sampler "
                          f"(euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc, ...)")
     denoiser = make_denoiser(model)
     sigmas = spec.sigmas(denoiser, steps).to(x_init.device)[steps - t_enc:]
-    x = x_init + noise.randn_like(x_init) * sigmas[0]
-    if t_enc == 0:
-        return x
-    return _run_k_sampler(spec, denoiser, x, sigmas, cond, uncond, scale, noise, eta, None, disable)
+    x = x_init + (noise.randn_like(x_init) if start_noise is None else start_noise) * sigmas[0]
+    if t_enc > 0:
+        x = _run_k_sampler(spec, _around_denoiser(denoiser, known), x, sigmas, cond, uncond, scale, noise, eta, None,
+                           disable)
+    return _paste_known(x, known)
+
+
+def encoded_latents(model: Any, posterior: Any, noise: ImageNoise) -> torch.Tensor:
+    """One sample of an encoded image's autoencoder `posterior` per seed of `noise` ([B, C, h, w] float32, times the
+    model's scale factor).
+
+    Each takes its noise from its own image's generator, as the next draw of that image's stream: diffusers'
+    img2img and inpainting pipelines draw the same with one generator per image, and the image then depends on its
+    seed alone.
+    """
+    return torch.cat([model.get_first_stage_encoding(posterior, generator=generator)
+                      for generator in noise.generators]).float()
 
 
 def resolves_img2img(name: str) -> bool:
@@ -203,19 +229,31 @@ def _run_k_sampler(spec: SamplerSpec, denoiser: CompVisDenoiser, x: torch.Tensor
 
 
 def _ddim_img2img(spec: SamplerSpec, model: Any, steps: int, x_init: torch.Tensor, t_enc: int, cond: Any,
-                  uncond: Any, scale: float, noise: ImageNoise, eta: float | None,
-                  disable: bool | None) -> torch.Tensor:
+                  uncond: Any, scale: float, noise: ImageNoise, eta: float | None, disable: bool | None,
+                  start_noise: torch.Tensor | None = None) -> torch.Tensor:
     sampler = _load_compvis_sampler(spec.compvis)(model)
     sampler.make_schedule(ddim_num_steps=steps, ddim_eta=0.0 if eta is None else eta, verbose=False)
     if t_enc < len(sampler.ddim_timesteps):
         t = torch.full((x_init.shape[0],), t_enc, dtype=torch.long)
-        x = sampler.stochastic_encode(x_init, t, noise=noise)
+        x = sampler.stochastic_encode(x_init, t, noise=noise if start_noise is None else start_noise)
     else:
-        x = noise.randn_like(x_init)
+        x = noise.randn_like(x_init) if start_noise is None else start_noise
     if t_enc == 0:
         return x
     return sampler.decode(x, cond, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
                           noise=noise, verbose=not disable)
+
+
+def _around_model(model: Any, known: KnownLatents | None) -> Any:
+    return model if known is None else known.around_model(model)
+
+
+def _around_denoiser(denoiser: CompVisDenoiser, known: KnownLatents | None) -> Any:
+    return denoiser if known is None else known.around_denoiser(denoiser)
+
+
+def _paste_known(latents: torch.Tensor, known: KnownLatents | None) -> torch.Tensor:
+    return latents if known is None else known.paste(latents)
 
 
 def _sample_compvis(spec: SamplerSpec, model: Any, steps: int, shape: tuple[int, ...], cond: Any, uncond: Any,

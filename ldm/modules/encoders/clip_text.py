@@ -42,10 +42,42 @@ class CLIPTextOutput:
     hidden_states: tuple[torch.Tensor, ...] | None  # embeddings, then every layer's output; no final layer norm
 
 
+class TokenEmbedding(nn.Embedding):
+    """The token embedding table, plus vectors added at run time (textual-inversion embeddings) that prompts reach
+    through negative ids: id -1 is added vector 0, -2 vector 1, ...
+
+    Negative ids leave the vocabulary and the checkpoint's `weight` untouched, and keep the end token the largest id
+    of a prompt, where the pooled output is read. The added vectors are no parameter or buffer, so state dicts stay
+    the released ones; they follow the weight's device and dtype when used.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim)
+        self.added_vectors: torch.Tensor | None = None  # [added, embedding_dim]
+
+    def add_vectors(self, vectors: torch.Tensor) -> list[int]:
+        """Append `vectors` [N, embedding_dim]; returns the N negative ids that stand for them."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.embedding_dim:
+            raise ValueError(f"vectors of shape {list(vectors.shape)} do not fit a token embedding of width "
+                             f"{self.embedding_dim}: expected [N, {self.embedding_dim}]")
+        vectors = vectors.detach().to("cpu", torch.float32)
+        first = 0 if self.added_vectors is None else self.added_vectors.shape[0]
+        self.added_vectors = vectors if self.added_vectors is None else torch.cat([self.added_vectors, vectors])
+        return [-(first + index) - 1 for index in range(vectors.shape[0])]
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        if self.added_vectors is None:
+            return super().forward(input_ids)
+        added = input_ids < 0
+        known = super().forward(input_ids.clamp(min=0))  # [B, T, width]
+        extra = self.added_vectors.to(known)[torch.where(added, -input_ids - 1, 0)]  # [B, T, width]
+        return torch.where(added[..., None], extra, known)
+
+
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, vocab_size: int, width: int, max_positions: int):
         super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.token_embedding = TokenEmbedding(vocab_size, width)
         self.position_embedding = nn.Embedding(max_positions, width)
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:

@@ -117,6 +117,8 @@ class CLIPTokenizer:
         self.pattern = regex.compile(f"{specials}|{WORD_PATTERN}", regex.IGNORECASE)
         self.byte_map = byte_to_unicode()
         self.cache: dict[str, list[int]] = {}
+        self.placeholders: dict[str, list[int]] = {}  # cleaned word -> the ids it stands for (textual inversion)
+        self.placeholder_pattern: regex.Pattern | None = None
 
     @classmethod
     def for_open_clip(cls) -> "CLIPTokenizer":
@@ -135,11 +137,39 @@ class CLIPTokenizer:
             self.cache[word] = cached
         return cached
 
+    def add_placeholder(self, word: str, ids: Sequence[int]) -> None:
+        """Tokenize each whole-word occurrence of `word` (any case) in a prompt as `ids`, not as its BPE tokens.
+
+        A whole word is not joined to a letter, digit, "_" or "-" on either side. Adding a word again replaces its ids.
+        """
+        cleaned = clean_text(word, self.unescape_html)
+        if not cleaned or not ids:
+            raise ValueError(f"a placeholder needs a word and at least one id, got {word!r} -> {list(ids)}")
+        self.placeholders[cleaned] = [int(index) for index in ids]
+        # longest first, so that of two words where one starts the other the longer one wins
+        words = "|".join(regex.escape(name) for name in sorted(self.placeholders, key=len, reverse=True))
+        self.placeholder_pattern = regex.compile(rf"(?<![\w-])(?:{words})(?![\w-])")
+
+    def placeholders_in(self, text: str) -> list[str]:
+        """The placeholder words `text` uses, in order of first use."""
+        if self.placeholder_pattern is None:
+            return []
+        return list(dict.fromkeys(self.placeholder_pattern.findall(clean_text(text, self.unescape_html))))
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` without start / end tokens, untruncated."""
         if not isinstance(text, str):
             raise TypeError(f"a prompt must be a str, got {type(text).__name__}: {text!r}")
         cleaned = clean_text(text, self.unescape_html)
+        if self.placeholder_pattern is None:
+            return self.encode_cleaned(cleaned)
+        ids, start = [], 0
+        for match in self.placeholder_pattern.finditer(cleaned):
+            ids += self.encode_cleaned(cleaned[start:match.start()]) + self.placeholders[match.group()]
+            start = match.end()
+        return ids + self.encode_cleaned(cleaned[start:])
+
+    def encode_cleaned(self, cleaned: str) -> list[int]:
         return [token for word in self.pattern.findall(cleaned) for token in self.word_ids(word)]
 
     def __call__(self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH,
@@ -160,9 +190,17 @@ class CLIPTokenizer:
         """Text of `ids` (cleaned and lower-cased, as the model saw it), for inspecting prompts."""
         vocabulary, _ = load_vocabulary()
         symbols = [*vocabulary, *self.special_tokens]  # dict order is id order; the specials are 49406, 49407
-        if any(not 0 <= int(index) < len(symbols) for index in ids):
-            raise ValueError(f"token ids {list(ids)} fall outside CLIP's vocabulary of {len(symbols)}")
-        text = "".join(symbols[int(index)] for index in ids).replace(END_OF_WORD, " ")
+        # a placeholder's ids (a run of them, or any part of one) read as its word, spelt as symbols are
+        words = {index: "".join(self.byte_map[byte] for byte in word.encode("utf-8")) + END_OF_WORD
+                 for word, word_ids in self.placeholders.items() for index in word_ids}
+        following = {later: earlier for word_ids in self.placeholders.values()
+                     for earlier, later in zip(word_ids, word_ids[1:])}
+        ids = [int(index) for index in ids]
+        if any(not 0 <= index < len(symbols) and index not in words for index in ids):
+            raise ValueError(f"token ids {ids} fall outside CLIP's vocabulary of {len(symbols)}")
+        pieces = [("" if position and following.get(index) == ids[position - 1] else words[index]) if index in words
+                  else symbols[index] for position, index in enumerate(ids)]
+        text = "".join(pieces).replace(END_OF_WORD, " ")
         unicode_to_byte = {char: byte for byte, char in self.byte_map.items()}
         # a plain space here can only come from an end-of-word marker: real spaces are mapped to another character
         raw = bytes(ord(" ") if char == " " else unicode_to_byte[char] for char in text)

@@ -92,7 +92,10 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         return self.tokenizer(texts, context_length=self.max_length).to(device)
 
     def forward(self, texts: str | Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenize(texts)
+        return self.encode_tokens(self.tokenize(texts))
+
+    def encode_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """Token ids [B, T] (start, prompt, end, padding; T <= max_length) -> the chosen layer's states."""
         outputs = self.transformer(tokens, output_hidden_states=self.layer == "hidden")
         if self.layer == "last":
             return outputs.last_hidden_state
@@ -133,8 +136,12 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         return self.tokenizer(texts, context_length=self.max_length).to(self.model.token_embedding.weight.device)
 
     def forward(self, texts: str | Sequence[str]) -> torch.Tensor:
+        return self.encode_tokens(self.tokenize(texts))
+
+    def encode_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """Token ids [B, T] (start, prompt, end, padding; T <= max_length) -> [B, T, width]."""
         skipped = 1 if self.layer == "penultimate" else 0
-        states = self.model.hidden_states(self.tokenize(texts), num_blocks=self.model.num_blocks - skipped)
+        states = self.model.hidden_states(tokens, num_blocks=self.model.num_blocks - skipped)
         return self.model.ln_final(states[-1])
 
     def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
@@ -175,7 +182,10 @@ class FrozenOpenCLIPEmbedder2(AbstractEncoder):
         return self.tokenizer(texts, context_length=self.max_length).to(self.model.token_embedding.weight.device)
 
     def forward(self, texts: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.tokenize(texts)
+        return self.encode_tokens(self.tokenize(texts))
+
+    def encode_tokens(self, tokens: torch.LongTensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, T] (start, prompt, end, padding; T <= max_length) -> what `forward` returns."""
         states = self.model.hidden_states(tokens)
         chosen = states[-2] if self.layer == "penultimate" else states[-1]
         if self.legacy:

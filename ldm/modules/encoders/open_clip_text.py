@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.encoders.clip_text import activation_by_name, causal_self_attention
+from ldm.modules.encoders.clip_text import TokenEmbedding, activation_by_name, causal_self_attention
 
 
 class PackedSelfAttention(nn.Module):
@@ -73,7 +73,7 @@ class OpenCLIPTextTransformer(nn.Module):
                  embed_dim: int = 1024, context_length: int = 77, activation: str = "gelu",
                  layer_norm_eps: float = 1e-5):
         super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.token_embedding = TokenEmbedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
         self.transformer = Transformer(width, layers, heads, activation, layer_norm_eps)
         self.ln_final = nn.LayerNorm(width, eps=layer_norm_eps)

@@ -5,7 +5,7 @@ checkpoint under `conditioner.embedders.N.`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -71,10 +71,12 @@ class GeneralConditioner(nn.Module):
             keys += [embedder.input_key] if embedder.input_key is not None else embedder.input_keys
         return keys
 
-    def forward(self, batch: Mapping[str, Any], force_zero_embeddings: Sequence[str] | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Mapping[str, Any], force_zero_embeddings: Sequence[str] | None = None,
+                run_embedder: Callable[..., Any] | None = None) -> dict[str, torch.Tensor]:
         """The conditioning dict; embedders reading a key in `force_zero_embeddings` contribute zeros (of the shape
-        they would have), as sgm makes SDXL's unconditional text embedding."""
+        they would have), as sgm makes SDXL's unconditional text embedding. `run_embedder(embedder, *inputs)`
+        replaces calling each embedder (prompt weighting encodes the text embedders its own way)."""
+        run_embedder = run_embedder or (lambda embedder, *inputs: embedder(*inputs))
         force_zero_embeddings = force_zero_embeddings or []
         missing = [key for key in self.input_keys if key not in batch]
         if missing:
@@ -82,9 +84,9 @@ class GeneralConditioner(nn.Module):
         output: dict[str, torch.Tensor] = {}
         for embedder in self.embedders:
             if embedder.input_key is not None:
-                outputs = embedder(batch[embedder.input_key])
+                outputs = run_embedder(embedder, batch[embedder.input_key])
             else:
-                outputs = embedder(*[batch[key] for key in embedder.input_keys])
+                outputs = run_embedder(embedder, *[batch[key] for key in embedder.input_keys])
             for embedding in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
                 key = self.OUTPUT_DIM2KEYS[embedding.dim()]
                 if embedder.input_key in force_zero_embeddings:
