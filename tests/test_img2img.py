@@ -239,12 +239,13 @@ def test_metadata_from_makes_the_same_img2img_image_again(cli, tmp_path):
     assert status == 2 and "which is not found here: pass it with --init-img" in err
 
 
-def test_metadata_from_a_txt2img_image_is_refused(cli, tmp_path):
+def test_metadata_from_a_txt2img_image_names_the_script_that_made_it(cli, tmp_path):
     sidecar = tmp_path / "txt.yaml"
     sidecar.write_text("prompt: a cat\nnegative_prompt: ''\nsteps: 4\nsampler: ddim\nscale: 5.0\nseed: 1\n"
                        "H: 64\nW: 64\neta: 0.0\n")
     status, _, err = cli("--metadata_from", sidecar, "--outdir", tmp_path / "out")
-    assert status == 2 and "records no denoising strength: it is not an img2img image" in err
+    assert status == 2 and (f"{sidecar} was made by txt2img.py: make it again with scripts/txt2img.py "
+                            f"--metadata_from {sidecar}") in err
 
 
 # --- (d) bad input: one line, exit status 2, nothing written --------------------------------------------------------

@@ -244,3 +244,22 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(cli, files, tmp_path, 
     assert err.count("\n") == 1 and err.startswith("inpaint.py: error: ") and message.format(**paths) in err, err
     assert "Loading model" not in out
     assert not outdir.exists()
+
+
+def test_each_script_sends_metadata_of_another_scripts_image_to_that_script(tmp_path, capsys):
+    """An inpainted image's sidecar run through img2img or txt2img (which would silently drop the mask) is refused
+    in one line naming scripts/inpaint.py, and an img2img sidecar given to txt2img names img2img.py."""
+    from ldm.cli.img2img import main as img2img_main
+    from ldm.cli.txt2img import main as txt2img_main
+
+    inpainted, img2img_made = tmp_path / "inpainted.yaml", tmp_path / "img2img.yaml"
+    common = "prompt: a cat\nnegative_prompt: ''\nsteps: 4\nsampler: ddim\nscale: 5.0\nseed: 1\nH: 64\nW: 64\n"
+    inpainted.write_text(common + "strength: 1.0\ninit_image: x.png\nmask: m.png\n")
+    img2img_made.write_text(common + "strength: 0.5\ninit_image: x.png\n")
+    for main, sidecar, script in ((img2img_main, inpainted, "inpaint.py"), (txt2img_main, inpainted, "inpaint.py"),
+                                  (txt2img_main, img2img_made, "img2img.py")):
+        assert main(["--metadata_from", str(sidecar), "--outdir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"was made by {script}: make it again with scripts/{script} --metadata_from {sidecar}" in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

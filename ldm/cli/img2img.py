@@ -20,7 +20,7 @@ import torch
 from ldm.cli import arguments
 from ldm.cli.arguments import UsageError
 from ldm.cli.generation import first_stage_dtype
-from ldm.cli.metadata import ImageRecord, read_metadata_file
+from ldm.cli.metadata import ImageRecord, check_made_by, read_metadata_file
 from ldm.cli.plan import PlannedImage, RunPlan, model_geometry
 from ldm.cli.txt2img import Run
 from ldm.cli.txt2img import main as run_main
@@ -133,14 +133,17 @@ class Img2ImgRecord(ImageRecord):
         return pairs + ([("Init image hash", self.init_image_hash)] if self.init_image_hash else [])
 
 
-def read_recorded(opt: argparse.Namespace) -> dict[str, Any] | None:
-    """The --metadata_from record (None without the flag); UsageError (one line) when it cannot be read."""
+def read_recorded(opt: argparse.Namespace, prog: str) -> dict[str, Any] | None:
+    """The --metadata_from record (None without the flag); UsageError (one line) when it cannot be read or another
+    script than `prog` made its image."""
     if not opt.metadata_from:
         return None
     try:
-        return read_metadata_file(opt.metadata_from)
+        record = read_metadata_file(opt.metadata_from)
+        check_made_by(record, opt.metadata_from, prog)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    return record
 
 
 def take_recorded_file(opt: argparse.Namespace, record: dict[str, Any], attribute: str, key: str, what: str,
@@ -156,15 +159,12 @@ def take_recorded_file(opt: argparse.Namespace, record: dict[str, Any], attribut
                          f"here: pass it with {flag}")
 
 
-def apply_recorded_img2img_settings(opt: argparse.Namespace) -> str | None:
+def apply_recorded_img2img_settings(opt: argparse.Namespace, prog: str = PROG) -> str | None:
     """--metadata_from an img2img image: its strength, and its init image unless --init-img names one. Returns the
     recorded init image hash, to compare with the file's."""
-    record = read_recorded(opt)
+    record = read_recorded(opt, prog)
     if record is None:
         return None
-    if "strength" not in record:
-        raise UsageError(f"{opt.metadata_from} records no denoising strength: it is not an img2img image (re-run "
-                         f"a txt2img image with scripts/txt2img.py --metadata_from)")
     opt.strength = float(record["strength"])
     take_recorded_file(opt, record, "init_img", "init_image", "the init image", "--init-img")
     return record.get("init_image_hash")
@@ -180,7 +180,7 @@ class Img2ImgRun(Run):
         for flag, reason in TXT2IMG_ONLY.items():
             if getattr(opt, flag):
                 raise UsageError(f"--{flag} {reason}: img2img does not take it")
-        recorded_hash = apply_recorded_img2img_settings(opt)
+        recorded_hash = apply_recorded_img2img_settings(opt, self.prog)
         if not 0.0 <= opt.strength <= 1.0:  # also refuses NaN
             raise UsageError(f"--strength {opt.strength} is outside [0, 1]: 0 keeps the init image, 1 replaces it")
         self.init_image = load_init_image(opt.init_img)

@@ -93,7 +93,7 @@ class InpaintRecord(Img2ImgRecord):
 
 def apply_recorded_mask(opt: argparse.Namespace) -> str | None:
     """--metadata_from an inpainted image: its mask unless --mask names one. Returns the recorded mask hash."""
-    record = read_recorded(opt)
+    record = read_recorded(opt, PROG)
     if record is None:
         return None
     take_recorded_file(opt, record, "mask", "mask", "the mask", "--mask")

@@ -189,3 +189,15 @@ def read_metadata_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict) or "prompt" not in data:
         raise ValueError(f"{path} is not an image sidecar: expected a yaml mapping with a 'prompt' key")
     return data
+
+
+def made_by(record: Mapping[str, Any]) -> str:
+    """The script that made a recorded image: a mask means inpaint.py, a strength img2img.py, else txt2img.py."""
+    return "inpaint.py" if record.get("mask") else "img2img.py" if "strength" in record else "txt2img.py"
+
+
+def check_made_by(record: Mapping[str, Any], source: str, prog: str) -> None:
+    """ValueError naming the right script when `source`'s image was made by another one than `prog`."""
+    script = made_by(record)
+    if script != prog:
+        raise ValueError(f"{source} was made by {script}: make it again with scripts/{script} --metadata_from {source}")

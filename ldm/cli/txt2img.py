@@ -15,7 +15,7 @@ from ldm.cli.arguments import UsageError, check_counts, lora_specs, parse_args
 from ldm.cli.generation import (GenerationError, black_images, decode_to_pixels, free_accelerator_memory,
                                 run_in_sub_batches)
 from ldm.cli.images import MissingDependency, Watermarker, make_grid
-from ldm.cli.metadata import ImageRecord, encode_png, parameters_text, sidecar_text
+from ldm.cli.metadata import ImageRecord, check_made_by, encode_png, parameters_text, sidecar_text
 from ldm.cli.outputs import (GRID_DIGITS, SAMPLE_DIGITS, next_grid_number, next_sample_number, replace_file,
                              write_new_file)
 from ldm.cli.plan import (PlannedImage, RunPlan, apply_compat_flags, check_against_model, check_files,
@@ -46,6 +46,11 @@ class Run:
         check_counts(opt)
         self.opt = opt
         self.plan: RunPlan = self.make_plan(opt)
+        if opt.metadata_from:
+            try:
+                check_made_by(self.plan.source_info, opt.metadata_from, self.prog)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
         check_files(opt)
         self.loras = lora_specs(opt.lora)
         from ldm.cli.embeddings import RunEmbeddings
