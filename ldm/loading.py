@@ -59,7 +59,10 @@ class LoadError(Exception):
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
     """"v1", "v2", "v1-inpainting", "v2-inpainting", "xl-base" (also SDXL turbo) or "xl-refiner"; a LoadError for
-    checkpoints this package cannot run (depth models, SDXL inpainting, non-SD files)."""
+    checkpoints this package cannot run (depth models, SDXL inpainting, ControlNets, non-SD files)."""
+    if any(key.startswith("control_model.") for key in shapes):  # ControlNet 1.0 files also hold the base model
+        raise LoadError("this file is a ControlNet (control_model.* weights): pass it with --controlnet, and an SD "
+                        "checkpoint with --ckpt")
     if not any(key.startswith(UNET) for key in shapes):
         if any(key.startswith(("encoder.", "decoder.", VAE)) for key in shapes):
             raise LoadError("this file holds only an autoencoder (VAE): pass it with --vae next to a full checkpoint")
@@ -215,8 +218,10 @@ def _examples(keys: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], config_name: str) -> dict[str, torch.Tensor]:
-    """The state dict to assign, after the allow-list; a LoadError naming the differences otherwise."""
+def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], config_name: str,
+               advice: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict to assign, after the allow-list; a LoadError naming the differences otherwise, ending with
+    `advice` (default: the config that the checkpoint's keys point to)."""
     expected = model.state_dict()
     kept = {key: value for key, value in state_dict.items() if not HARMLESS_KEYS.match(key) or key in expected}
     missing = sorted(key for key in expected if key not in kept and key not in SCHEDULE_KEYS)
@@ -232,12 +237,13 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], config_
     if mis_shaped:
         shown = [f"{key} {list(kept[key].shape)} vs {list(expected[key].shape)}" for key in mis_shaped[:2]]
         problems.append(f"{len(mis_shaped)} of another shape ({'; '.join(shown)})")
-    advice = "check that --config matches the checkpoint"
-    try:
-        family = detect_family({key: tuple(value.shape) for key, value in state_dict.items()})
-        advice = ADVICE.get(family, advice)
-    except LoadError as error:
-        advice = str(error)
+    if advice is None:
+        advice = "check that --config matches the checkpoint"
+        try:
+            family = detect_family({key: tuple(value.shape) for key, value in state_dict.items()})
+            advice = ADVICE.get(family, advice)
+        except LoadError as error:
+            advice = str(error)
     raise LoadError(f"the checkpoint does not fit {config_name}: " + ", ".join(problems) + f"; {advice}")
 
 

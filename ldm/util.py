@@ -27,6 +27,8 @@ IGNORED_CONFIG_KEYS = frozenset({
     "optimizer_config", "loss_fn_config", "ema_decay_rate", "input_key", "log_keys", "no_cond_log",
     # generative-models run-time options that txt2img chooses per run (--precision, --compile, --vae_slicing)
     "disable_first_stage_autocast", "compile_model", "en_and_decode_n_samples_a_time",
+    # ControlNet (cldm) training: the dataset key of the hint images
+    "control_key",
 })
 
 

@@ -216,6 +216,7 @@ def test_config_is_recognised_from_keys(config_name, file_name, flag, expected):
     (lambda s: s.update({"conditioner.embedders.0.transformer.x": (1,)}), "SDXL"),
     (lambda s: s.update({"model.diffusion_model.input_blocks.0.0.weight": (320, 5, 3, 3)}), "depth"),
     (lambda s: [s.pop(k) for k in list(s) if k.startswith("model.diffusion_model.")], "only an autoencoder"),
+    (lambda s: s.update({"control_model.input_hint_block.0.weight": (16, 3, 3, 3)}), "pass it with --controlnet"),
 ])
 def test_unsupported_checkpoints_get_one_clear_line(change, message):
     shapes = real_size_shapes("v1-inference.yaml")

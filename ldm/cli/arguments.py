@@ -144,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
              "samplers; its config found as --ckpt's is)")
     add("--refiner_switch", type=float, default=None, metavar="F",
         help="with --refiner: the fraction of the sampling the base runs before the refiner takes over (default 0.8)")
+    add("--controlnet", type=str, default=None, metavar="FILE",
+        help="SD 1.x/2.x: a ControlNet file (control_v11p_sd15_canny.pth, ... any released layout) that steers "
+             "every image with --control_image")
+    add("--control_image", type=str, default=None, metavar="IMAGE",
+        help="with --controlnet: the control image as the ControlNet expects it (an edge map, pose image, ...; no "
+             "preprocessor runs), resized to --W x --H")
+    add("--control_scale", type=float, default=None, metavar="F",
+        help="with --controlnet: its strength, 0 to 2 (default 1.0)")
     add("--metadata_from", type=str, default=None, metavar="FILE",
         help="regenerate one image from its .yaml sidecar (or PNG): its prompt, seed, steps, sampler, scale, size")
     add("--prompt_weighting", action="store_true",

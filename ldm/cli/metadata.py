@@ -140,6 +140,9 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
                   "Init image hash": ("init_image_hash", str), "Mask": ("mask", str), "Mask hash": ("mask_hash", str),
                   "Refiner": ("refiner", str),
                   "Refiner switch at": ("refiner_switch", float),
+                  "ControlNet": ("controlnet", str), "ControlNet hash": ("controlnet_hash", str),
+                  "Control image": ("control_image", str), "Control image hash": ("control_image_hash", str),
+                  "Control scale": ("control_scale", float),
                   "Prompt weighting": ("prompt_weighting", lambda value: value == "true")}
     for key, (name, convert) in converters.items():
         if key in pairs:

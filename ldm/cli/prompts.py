@@ -21,7 +21,8 @@ OVERRIDE_TYPES: dict[str, tuple[type, ...]] = {
 }
 # Keys sidecars carry that say which model made the image: kept for a warning, not settings.
 INFO_KEYS = ("model", "model_hash", "vae", "lora", "embeddings", "file", "strength", "init_image", "init_image_hash",
-             "refiner", "refiner_switch", "prompt_weighting", "mask", "mask_hash")
+             "refiner", "refiner_switch", "prompt_weighting", "mask", "mask_hash", "controlnet", "controlnet_hash",
+             "control_image", "control_image_hash", "control_scale")
 
 
 class PromptFileError(ValueError):

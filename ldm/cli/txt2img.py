@@ -73,6 +73,11 @@ class Run:
         elif opt.metadata_from and self.plan.source_info.get("refiner"):
             self.note(f"{opt.metadata_from} was finished by the refiner {self.plan.source_info['refiner']}: pass "
                       f"--refiner with that file to make the same image (its switch is taken from the metadata)")
+        from ldm.cli.controlnet import ControlNetRecord, ControlNetRun
+        # --controlnet: checked here, loaded beside the model
+        self.controlnet = ControlNetRun.from_flags(opt, self.prog, self.plan.source_info, self.note)
+        if self.controlnet is not None:
+            self.record_type = ControlNetRecord
         self.check_speed_flags()
         self.check_memory()
         texts = [text for image in self.plan.images for text in (image.prompt, image.negative_prompt)]
@@ -170,6 +175,8 @@ class Run:
         if self.refiner is not None:
             self.refiner.load(self.device, self.dtype)
             self.embeddings.load_into(self.refiner.model)
+        if self.controlnet is not None:
+            self.controlnet.load(self.device, self.dtype, with_hashes=not opt.no_metadata)
         self.model_name = Path(opt.ckpt).stem
         if not opt.no_metadata:  # hashed beside the sampling (hashlib releases the GIL); the first save waits for it
             from concurrent.futures import ThreadPoolExecutor
@@ -312,6 +319,8 @@ class Run:
 
         settings = batch[0].settings
         shape = (len(batch), self.opt.C, settings["H"] // self.opt.f, settings["W"] // self.opt.f)
+        if self.controlnet is not None:
+            self.controlnet.attach(self.model, settings["H"], settings["W"])
         if self.refiner is not None and sampler == settings["sampler"]:  # not in the DDIM warm-up
             refiner_conditioning = self.conditioning(batch, self.refiner.model)
             latents = self.refiner.sample(self.model, shape, (cond, uncond), refiner_conditioning, sampler, steps,
@@ -331,6 +340,8 @@ class Run:
                              embeddings=None if self.opt.no_metadata else
                              self.embeddings.record_text((image.prompt, image.negative_prompt)),
                              prompt_weighting=self.opt.prompt_weighting)
+        if self.controlnet is not None:
+            return self.controlnet.record(record)
         return self.refiner.record(record) if self.refiner is not None else record
 
     def finish_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, list[bool]]:

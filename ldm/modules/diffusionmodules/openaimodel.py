@@ -221,6 +221,21 @@ def attention_heads(
     return num_heads, dim_head
 
 
+def embed_timesteps_and_context(time_embed: nn.Sequential, model_channels: int, timesteps: torch.Tensor, batch: int,
+                                context: Context) -> tuple[torch.Tensor, Context]:
+    """The timestep embedding [batch, 4 * model_channels] and the context, in the dtype of `time_embed`'s weights;
+    the sinusoidal features are computed in float32 first. A 0-d `timesteps` serves the whole batch."""
+    dtype = time_embed[0].weight.dtype
+    if timesteps.dim() == 0:
+        timesteps = timesteps.expand(batch)
+    emb = time_embed(timestep_embedding(timesteps, model_channels).to(dtype))
+    if isinstance(context, (list, tuple)):
+        context = [c if c is None else c.to(dtype) for c in context]
+    elif context is not None:
+        context = context.to(dtype)
+    return emb, context
+
+
 def per_level(value: Union[int, Sequence[int]], levels: int, name: str) -> list[int]:
     """An int repeated for every level, or a per-level list checked for length."""
     if isinstance(value, int):
@@ -354,6 +369,8 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(downsample))
                 input_block_channels.append(ch)
                 ds *= 2
+        # The width of each input block's output, which a ControlNet copies to size its zero convolutions.
+        self.input_block_channels = tuple(input_block_channels)
 
         heads, dim_head = attention_heads(ch, num_heads, num_head_channels, legacy, use_spatial_transformer)
         if use_spatial_transformer:
@@ -404,24 +421,26 @@ class UNetModel(nn.Module):
         raise ValueError(f"num_classes={num_classes!r} is not supported; use an int, 'continuous' or 'sequential'")
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: Context = None, y: torch.Tensor | None = None
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: Context = None, y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: [N, in_channels, H, W], timesteps: [N], context: [N, M, context_dim], y: [N] labels or [N, adm]
-        -> [N, out_channels, H, W] (eps or v, depending on how the model was trained)."""
+        -> [N, out_channels, H, W] (eps or v, depending on how the model was trained).
+
+        `control`: ControlNet residuals, one per input block then one for the middle block, already scaled; each is
+        added to that block's skip connection (the middle one to the middle block's output), as in ControlNet's
+        ControlledUnetModel."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError(f"this UNet has num_classes={self.num_classes!r}: pass `y` exactly when it is set")
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"control has {len(control)} residuals but this UNet takes {len(self.input_blocks) + 1} "
+                             "(one per input block and one for the middle block): use a ControlNet built for it")
         dtype = self.time_embed[0].weight.dtype
-        if timesteps.dim() == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        emb, context = embed_timesteps_and_context(self.time_embed, self.model_channels, timesteps, x.shape[0], context)
         if y is not None:
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"y has batch size {y.shape[0]} but x has {x.shape[0]}")
             emb = emb + self.label_emb(y if isinstance(self.label_emb, nn.Embedding) else y.to(dtype))
-        if isinstance(context, (list, tuple)):
-            context = [c if c is None else c.to(dtype) for c in context]
-        elif context is not None:
-            context = context.to(dtype)
 
         layout = torch.channels_last if self.channels_last and x.dim() == 4 else torch.preserve_format
         h = x.to(dtype, memory_format=layout)
@@ -430,7 +449,12 @@ class UNetModel(nn.Module):
             h = module(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            h = h + control[-1].to(h.dtype)
         for module in self.output_blocks:
-            h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
+            skip = skips.pop()
+            if control is not None:
+                skip = skip + control[len(skips)].to(skip.dtype)  # after the pop, len(skips) is the skip's index
+            h = module(torch.cat([h, skip], dim=1), emb, context)
         head = self.id_predictor if self.predict_codebook_ids else self.out
         return head(h).to(x.dtype, memory_format=torch.contiguous_format)
