@@ -22,7 +22,8 @@ from ldm.util import instantiate_from_config
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
 CONFIGS = {"v1": "v1-inference.yaml", "v2": "v2-inference.yaml", "v2-v": "v2-inference-v.yaml",
            "xl-base": "sd_xl_base.yaml", "xl-refiner": "sd_xl_refiner.yaml",
-           "v1-inpainting": "v1-inpainting-inference.yaml", "v2-inpainting": "v2-inpainting-inference.yaml"}
+           "v1-inpainting": "v1-inpainting-inference.yaml", "v2-inpainting": "v2-inpainting-inference.yaml",
+           "x4-upscaler": "x4-upscaling.yaml"}
 ADVICE = {
     "v1": "this is an SD 1.x checkpoint: use configs/stable-diffusion/v1-inference.yaml",
     "v2": "this is an SD 2.x checkpoint: use configs/stable-diffusion/v2-inference.yaml "
@@ -33,11 +34,14 @@ ADVICE = {
                      "v1-inpainting-inference.yaml",
     "v2-inpainting": "this is an SD 2.x inpainting checkpoint: use configs/stable-diffusion/"
                      "v2-inpainting-inference.yaml",
+    "x4-upscaler": "this is the SD 2 x4 upscaler: use configs/stable-diffusion/x4-upscaling.yaml",
 }
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 XL_TEXT = "conditioner.embedders."
 EMA = "model_ema."
 TEXT_TO_IMAGE_CHANNELS, INPAINTING_CHANNELS = 4, 9  # inpainting UNets also take the mask (1) and masked image (4)
+UPSCALER_CHANNELS = 7  # the x4 upscaler's UNet also takes the low-resolution RGB image (3)
+LOW_SCALE = "low_scale_model."  # the x4 upscaler's noise augmentation: schedule buffers only
 # Keys that released checkpoints carry and that inference does not use.
 HARMLESS_KEYS = re.compile(
     # older transformers' buffer, in SD 1.x and SDXL text encoders
@@ -53,12 +57,18 @@ SCHEDULE_KEYS = frozenset({
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"})
 
 
+def is_schedule_key(key: str) -> bool:
+    """A schedule buffer of the model or of the x4 upscaler's noise augmentation (computed from the config)."""
+    return key in SCHEDULE_KEYS or (key.startswith(LOW_SCALE) and key[len(LOW_SCALE):] in SCHEDULE_KEYS)
+
+
 class LoadError(Exception):
     """A checkpoint/config problem a user can fix; the message is one line that says how."""
 
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """"v1", "v2", "v1-inpainting", "v2-inpainting", "xl-base" (also SDXL turbo) or "xl-refiner"; a LoadError for
+    """"v1", "v2", "v1-inpainting", "v2-inpainting", "x4-upscaler", "xl-base" (also SDXL turbo) or "xl-refiner"; a
+    LoadError for
     checkpoints this package cannot run (depth models, SDXL inpainting, ControlNets, non-SD files)."""
     if any(key.startswith("control_model.") for key in shapes):  # ControlNet 1.0 files also hold the base model
         raise LoadError("this file is a ControlNet (control_model.* weights): pass it with --controlnet, and an SD "
@@ -74,6 +84,9 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
         raise LoadError("this file is not a Stable Diffusion checkpoint (it has no model.diffusion_model.* weights)")
     first_conv = shapes.get(UNET + "input_blocks.0.0.weight")
     channels = TEXT_TO_IMAGE_CHANNELS if first_conv is None else first_conv[1]
+    if channels == UPSCALER_CHANNELS and (UNET + "label_emb.weight" in shapes
+                                          or any(key.startswith(LOW_SCALE) for key in shapes)):
+        return "x4-upscaler"  # its noise level is the UNet's class label
     if channels not in (TEXT_TO_IMAGE_CHANNELS, INPAINTING_CHANNELS):
         raise LoadError(f"this UNet takes {channels} input channels (a depth or other image-conditioned model), which "
                         "is not supported: use a text-to-image (4-channel) or inpainting (9-channel) checkpoint")
@@ -197,12 +210,22 @@ def select_ema(state_dict: dict[str, torch.Tensor], use_ema: bool) -> dict[str, 
     return selected
 
 
-def merge_vae(state_dict: dict[str, torch.Tensor], vae_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_weights(path: str | os.PathLike, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors; with `shapes_only`, meta tensors of their shapes (only the file's layout is read)."""
+    if shapes_only:
+        return {key: torch.empty(shape, device="meta") for key, shape in read_shapes(path).items()}
+    return read_checkpoint(path)[0]
+
+
+def merge_vae(state_dict: dict[str, torch.Tensor], vae_path: str | os.PathLike,
+              shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """Replace the autoencoder weights with those of a separate VAE file (CompVis key layout, prefixed or not)."""
     try:
-        vae, _ = read_checkpoint(vae_path)
+        vae = read_weights(vae_path, shapes_only)
     except CheckpointError as error:
         raise LoadError(f"--vae: {error}") from None
+    if any(key.startswith(VAE) for key in vae):  # a whole checkpoint, or a VAE saved with its prefix: its autoencoder
+        vae = {key: value for key, value in vae.items() if key.startswith(VAE)}
     vae = {(key if key.startswith(VAE) else VAE + key): value for key, value in vae.items()
            if not key.startswith(("loss.", "model_ema.", "first_stage_model.loss."))}
     if not any(key.startswith(VAE + "decoder.") for key in vae):
@@ -224,7 +247,7 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], config_
     `advice` (default: the config that the checkpoint's keys point to)."""
     expected = model.state_dict()
     kept = {key: value for key, value in state_dict.items() if not HARMLESS_KEYS.match(key) or key in expected}
-    missing = sorted(key for key in expected if key not in kept and key not in SCHEDULE_KEYS)
+    missing = sorted(key for key in expected if key not in kept and not is_schedule_key(key))
     unexpected = sorted(key for key in kept if key not in expected)
     mis_shaped = sorted(key for key in kept if key in expected and kept[key].shape != expected[key].shape)
     if not (missing or unexpected or mis_shaped):
@@ -260,7 +283,7 @@ def assign_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], dev
     converted = {}
     for key, reference in expected.items():
         value = state_dict.get(key, reference)
-        if key in SCHEDULE_KEYS:  # float32 whatever the weights' precision: samplers do their algebra in them
+        if is_schedule_key(key):  # float32 whatever the weights' precision: samplers do their algebra in them
             target_dtype = torch.float32
         else:
             target_dtype = dtype if value.is_floating_point() else value.dtype
@@ -287,8 +310,35 @@ def load_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | No
     """
     device = torch.device(device)
     start = time.perf_counter()
+    model_config, config_name, state_dict = _prepare(ckpt, config, use_ema, v_prediction, vae)
+    read_done = time.perf_counter()
+    model = _build(model_config, config_name)
+    build_done = time.perf_counter()
+    assign_weights(model, check_keys(model, state_dict, config_name), device, dtype)
+    model.eval().requires_grad_(False)
+    if timings is not None:
+        timings.update(read=read_done - start, build=build_done - read_done, move=time.perf_counter() - build_done)
+    return model
+
+
+def check_loadable(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None = None, *,
+                   use_ema: bool | None = None, v_prediction: bool | None = None,
+                   vae: str | os.PathLike | None = None) -> nn.Module:
+    """A LoadError for whatever `load_model` with these arguments would refuse, found from the files' layouts without
+    reading a weight. Returns the model with its parameters on the meta device, to check what else must fit it
+    (LoRA files, embeddings) before loading."""
+    model_config, config_name, state_dict = _prepare(ckpt, config, use_ema, v_prediction, vae, shapes_only=True)
+    model = _build(model_config, config_name)
+    check_keys(model, state_dict, config_name)
+    return model
+
+
+def _prepare(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None, use_ema: bool | None,
+             v_prediction: bool | None, vae: str | os.PathLike | None,
+             shapes_only: bool = False) -> tuple[Any, str, dict[str, torch.Tensor]]:
+    """(model config, its name for messages, the tensors to load: EMA weights chosen, --vae merged)."""
     try:
-        state_dict, _ = read_checkpoint(ckpt)
+        state_dict = read_weights(ckpt, shapes_only)
     except CheckpointError as error:
         raise LoadError(str(error)) from None
     if isinstance(config, Mapping) or hasattr(config, "keys"):
@@ -300,16 +350,20 @@ def load_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | No
     want_ema = bool(model_config.get("params", {}).get("use_ema", False)) if use_ema is None else use_ema
     state_dict = select_ema(state_dict, want_ema)
     if vae is not None:
-        state_dict = merge_vae(state_dict, vae)
-    read_done = time.perf_counter()
+        state_dict = merge_vae(state_dict, vae, shapes_only)
+    return model_config, config_name, state_dict
+
+
+def _build(model_config: Any, config_name: str) -> nn.Module:
+    """The model `model_config` describes, parameters on the meta device; LoadError when the config cannot build
+    one (a target that does not import, parameters its class does not take)."""
     with parameters_on_meta():
-        model = instantiate_from_config(model_config)
-    build_done = time.perf_counter()
-    assign_weights(model, check_keys(model, state_dict, config_name), device, dtype)
-    model.eval().requires_grad_(False)
-    if timings is not None:
-        timings.update(read=read_done - start, build=build_done - read_done, move=time.perf_counter() - build_done)
-    return model
+        try:
+            return instantiate_from_config(model_config)
+        except (KeyError, TypeError, ValueError) as error:  # no such target, or parameters it does not take
+            reason = str(error.args[0] if error.args else error).splitlines()[0]  # str(KeyError) adds quotes
+            raise LoadError(f"{config_name} cannot build its model ({reason}): check its target and params, or leave "
+                            f"--config out to use the released config that fits the checkpoint") from None
 
 
 def load_model_from_config(config: Any, ckpt: str | os.PathLike, verbose: bool = False,

@@ -166,9 +166,14 @@ def read_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     try:
         state_dict, _ = read_checkpoint(path)
-    except CheckpointError as error:
-        raise LoraError(f"LoRA {path}: {error}") from None
+    except CheckpointError as error:  # its message names the file already
+        raise LoraError(str(error)) from None
     return state_dict
+
+
+def lora_state_dict(lora: str | os.PathLike | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The tensors of `lora`: a file (read) or a state dict already."""
+    return read_lora(lora) if isinstance(lora, (str, os.PathLike)) else lora
 
 
 def unknown_hint(unknown: list[str], model: nn.Module) -> str:
@@ -185,16 +190,9 @@ def unknown_hint(unknown: list[str], model: nn.Module) -> str:
     return ""
 
 
-@torch.no_grad()
-def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Tensor],
-               multiplier: float = 1.0) -> int:
-    """Merge `lora` (a file or its state dict) into `model` (a loaded LatentDiffusion or SDXL
-    DiffusionEngine) with weight `multiplier`.
-
-    Every module must exist and fit, or nothing is changed and LoraError says which; returns how many layers were
-    changed. Merging is exact up to the weights' precision; applying again with -multiplier undoes it.
-    """
-    state_dict = read_lora(lora) if isinstance(lora, (str, os.PathLike)) else lora
+def fitted_updates(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[tuple[LoraTarget, LoraUpdate]]:
+    """Each module of a LoRA state dict with the weight of `model` it changes; LoraError unless every module exists
+    and fits. Only names and shapes are looked at, so `model` may hold its parameters on the meta device."""
     num_res_blocks = list(model.model.diffusion_model.num_res_blocks)
     updates = {ldm_module_name(name, num_res_blocks): update
                for name, update in group_lora_state_dict(state_dict).items()}
@@ -205,7 +203,6 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Te
     if unknown:
         raise LoraError(f"{len(unknown)} LoRA module(s) do not exist in this model, e.g. {', '.join(unknown[:3])}"
                         f"{unknown_hint(unknown, model)}: is the LoRA made for another base model?")
-    deltas = {}
     for name, update in updates.items():
         weight = targets[name].weight
         expected = update.up.shape[0], update.down.flatten(1).shape[1]
@@ -213,8 +210,27 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Te
             raise LoraError(f"LoRA module {name} has shapes down {list(update.down.shape)} / up "
                             f"{list(update.up.shape)} that do not fit the layer's weight {list(weight.shape)}: "
                             "is the LoRA made for another base model?")
-        deltas[name] = update.delta(weight.shape)
-    for name, delta in deltas.items():
-        weight = targets[name].weight
+    return [(targets[name], update) for name, update in updates.items()]
+
+
+def check_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Tensor]) -> int:
+    """LoraError for whatever `apply_lora(model, lora)` would refuse, without changing `model` (which may hold its
+    parameters on the meta device: a LoRA can be checked before the weights load). Returns the number of layers."""
+    return len(fitted_updates(model, lora_state_dict(lora)))
+
+
+@torch.no_grad()
+def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Tensor],
+               multiplier: float = 1.0) -> int:
+    """Merge `lora` (a file or its state dict) into `model` (a loaded LatentDiffusion or SDXL
+    DiffusionEngine) with weight `multiplier`.
+
+    Every module must exist and fit, or nothing is changed and LoraError says which; returns how many layers were
+    changed. Merging is exact up to the weights' precision; applying again with -multiplier undoes it.
+    """
+    deltas = [(target, update.delta(target.weight.shape))
+              for target, update in fitted_updates(model, lora_state_dict(lora))]
+    for target, delta in deltas:
+        weight = target.weight
         weight.copy_((weight.float() + multiplier * delta.to(weight.device)).to(weight.dtype))
     return len(deltas)

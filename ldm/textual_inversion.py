@@ -112,6 +112,8 @@ def read_textual_inversion(path: str | os.PathLike, name: str | None = None) -> 
 
 def embedding_files(path: str | os.PathLike) -> list[Path]:
     """`path` itself, or the embedding files (.pt, .bin, .safetensors) in folder `path` and below, sorted."""
+    if not str(path).strip():  # Path("") is the current folder, which is not what anyone means
+        raise EmbeddingError("an empty path was given: pass an embedding file or a folder of them")
     path = Path(path)
     if path.is_file():
         return [path]
@@ -180,13 +182,19 @@ def load_textual_inversion(model: nn.Module, embedding: TextualInversion | str |
     again replaces its vectors."""
     if not isinstance(embedding, TextualInversion):
         embedding = read_textual_inversion(embedding, name)
+    chosen = check_textual_inversion(model, embedding)
+    for encoder, vectors in zip(prompt_encoders(model), chosen):
+        encoder.tokenizer.add_placeholder(embedding.name, encoder.token_embedding.add_vectors(vectors))
+    return embedding
+
+
+def check_textual_inversion(model: nn.Module, embedding: TextualInversion) -> list[torch.Tensor]:
+    """The vectors each text encoder of `model` takes from `embedding`, in conditioning order; EmbeddingError when
+    one cannot. Only widths are looked at, so `model` may hold its parameters on the meta device."""
     encoders = prompt_encoders(model)
     if not encoders:
         raise EmbeddingError(f"{embedding.describe()}: the model has no CLIP text encoder to take it")
-    chosen = [vectors_for(embedding, encoder, len(encoders)) for encoder in encoders]
-    for encoder, vectors in zip(encoders, chosen):
-        encoder.tokenizer.add_placeholder(embedding.name, encoder.token_embedding.add_vectors(vectors))
-    return embedding
+    return [vectors_for(embedding, encoder, len(encoders)) for encoder in encoders]
 
 
 def prompt_tokenizer(embeddings: Sequence[TextualInversion]) -> CLIPTokenizer:

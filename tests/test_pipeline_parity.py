@@ -23,10 +23,9 @@ SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear
                 set_alpha_to_one=False)
 
 
-def diffusers_pipeline(checkpoint_path, tmp_path, scheduler, config: str = "tiny-v1.yaml") -> StableDiffusionPipeline:
-    """diffusers' pipeline assembled from our checkpoint file (made from tests/configs/`config`) with diffusers' own
-    original-checkpoint converters."""
-    checkpoint, _ = read_checkpoint(checkpoint_path)
+def diffusers_unet_and_vae(checkpoint: dict, config: str) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """diffusers' UNet and VAE from our checkpoint's tensors (made from tests/configs/`config`), converted by
+    diffusers' own original-checkpoint converters, in eval mode."""
     original = OmegaConf.to_container(OmegaConf.load(str(TEST_CONFIGS / config)))
     unet_config = single_file_utils.create_unet_diffusers_config_from_ldm(original, checkpoint)
     unet = UNet2DConditionModel(**unet_config)
@@ -34,6 +33,14 @@ def diffusers_pipeline(checkpoint_path, tmp_path, scheduler, config: str = "tiny
     vae_config = single_file_utils.create_vae_diffusers_config_from_ldm(original, checkpoint)
     vae = AutoencoderKL(**vae_config)
     vae.load_state_dict(single_file_utils.convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
+    return unet.eval(), vae.eval()
+
+
+def diffusers_pipeline(checkpoint_path, tmp_path, scheduler, config: str = "tiny-v1.yaml") -> StableDiffusionPipeline:
+    """diffusers' pipeline assembled from our checkpoint file (made from tests/configs/`config`) with diffusers' own
+    original-checkpoint converters."""
+    checkpoint, _ = read_checkpoint(checkpoint_path)
+    unet, vae = diffusers_unet_and_vae(checkpoint, config)
     text = transformers.CLIPTextModel(hf_text_config(32, 2, 2, "quick_gelu"))
     text.load_state_dict(for_transformers(text, single_file_utils.convert_ldm_clip_checkpoint(checkpoint)),
                          strict=True)

@@ -46,8 +46,17 @@ def test_inpaint_flags_and_defaults_of_its_own_are_in_its_table():
     assert not missing, f"README inpaint table lacks (or has another default for) {missing}"
 
 
+def test_upscale_flags_and_defaults_of_its_own_are_in_its_table():
+    from ldm.cli import upscale
+
+    rows, missing = missing_own_rows("upscale", upscale.build_parser)
+    assert {"--init-img", "--noise_level", "--prompt", "--outdir", "--n_samples", "--scale"} <= set(rows)
+    assert not missing, f"README upscale table lacks (or has another default for) {missing}"
+
+
 def test_readme_paths_exist():
-    for path in ("constraints.txt", "scripts/txt2img.py", "scripts/img2img.py", "scripts/inpaint.py",
+    for path in ("constraints.txt", "scripts/txt2img.py", "scripts/img2img.py", "scripts/inpaint.py", "scripts/upscale.py",
+                 "configs/stable-diffusion/x4-upscaling.yaml",
                  "configs/stable-diffusion/v1-inpainting-inference.yaml",
                  "configs/stable-diffusion/v2-inpainting-inference.yaml",
                  "configs/stable-diffusion/v1-inference.yaml",

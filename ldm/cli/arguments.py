@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import textwrap
 from typing import Any, Sequence
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 MAX_SEED = 2**32 - 1  # numpy's RandomState and other tools take 32-bit seeds; staying inside keeps seeds portable
 MAX_STEPS = 1000  # the models' number of training timesteps
+MAX_SIDE = 16384  # pixels: far past what any model makes well; larger sizes only exhaust memory, even tiled
+MAX_SCALE = 100.0  # |--scale|: ComfyUI's limit too; far past it, guidance overflows to NaN
 PRECISIONS = ("full", "autocast", "fp32", "fp16", "bf16")
 
 DESCRIPTION = "Text to image with Stable Diffusion (the CompVis txt2img script, with the same flags)."
@@ -55,6 +58,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump; main() prints it and exits 2
+        flag = re.fullmatch(r"argument (--\S+): expected one argument", message)
+        if flag:  # argparse reads a value such as -1e30 or -inf as a flag
+            message += f" (a value that starts with '-' is written {flag.group(1)}=VALUE)"
         raise UsageError(message)
 
 
@@ -172,6 +178,13 @@ def check_counts(opt: argparse.Namespace) -> None:
             raise UsageError(f"--{flag} {value} is too small: it must be at least {minimum}")
 
 
+def refuse_flags(opt: argparse.Namespace, refused: dict[str, str], prog: str) -> None:
+    """UsageError for the first flag of `refused` (name -> why) that `opt` sets: a flag `prog` does not take."""
+    for flag, reason in refused.items():
+        if getattr(opt, flag):
+            raise UsageError(f"--{flag} {reason}: {prog} does not take it")
+
+
 def lora_specs(values: Sequence[str] | None) -> list[tuple[str, float]]:
     """`--lora FILE[:WEIGHT]` values as (file, weight); the file must exist. A colon belongs to the weight only when
     a number follows it, so Windows paths like C:\\loras\\x.safetensors still work."""
@@ -184,8 +197,13 @@ def lora_specs(values: Sequence[str] | None) -> list[tuple[str, float]]:
                 path, weight = head, float(tail)
             except ValueError:
                 path = value
+                if os.path.isfile(head) and not os.path.isfile(value):
+                    raise UsageError(f"--lora {value}: the weight {tail} is not a number (use FILE:WEIGHT, e.g. "
+                                     f"{head}:0.8)") from None
         if not math.isfinite(weight):
             raise UsageError(f"--lora {value}: the weight {tail} is not a finite number")
+        if os.path.isdir(path):
+            raise UsageError(f"--lora {value}: {path} is a folder: pass one LoRA file (repeat --lora for several)")
         if not os.path.isfile(path):
             raise UsageError(f"--lora {value}: {path} not found (use FILE or FILE:WEIGHT, e.g. style.safetensors:0.8)")
         specs.append((path, weight))
@@ -203,8 +221,13 @@ def check_image_settings(settings: dict[str, Any], where: str, f: int) -> None:
         if value <= 0 or value % multiple:
             raise UsageError(f"{where}: {name} {value} is not a positive multiple of {multiple}: "
                              f"try {nearest_multiples(value, multiple)}")
+        if value > MAX_SIDE:
+            raise UsageError(f"{where}: {name} {value} is too large: sides are at most {MAX_SIDE} pixels")
     if not math.isfinite(settings["scale"]):
         raise UsageError(f"{where}: scale {settings['scale']} is not a finite number")
+    if abs(settings["scale"]) > MAX_SCALE:
+        raise UsageError(f"{where}: scale {settings['scale']:g} is too large: guidance scales lie in "
+                         f"-{MAX_SCALE:g}..{MAX_SCALE:g} (usually 1 to 15; 7.5 is the default)")
     eta = settings["eta"]
     if eta is not None and (not math.isfinite(eta) or eta < 0):
         raise UsageError(f"{where}: eta {eta} must be a number >= 0")

@@ -22,6 +22,16 @@ class RunEmbeddings:
         self.tokenizer = prompt_tokenizer(self.embeddings)
         self.hashes: dict[str, str] = {}
 
+    def check(self, model: nn.Module) -> None:
+        """UsageError unless every embedding fits `model` (which may hold its parameters on the meta device)."""
+        from ldm.textual_inversion import EmbeddingError, check_textual_inversion
+
+        for embedding in self.embeddings:
+            try:
+                check_textual_inversion(model, embedding)
+            except EmbeddingError as error:
+                raise UsageError(f"--embeddings: {error}") from None
+
     def load_into(self, model: nn.Module) -> None:
         from ldm.textual_inversion import EmbeddingError, load_textual_inversion
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ldm.cli import arguments
-from ldm.cli.arguments import UsageError
+from ldm.cli.arguments import UsageError, refuse_flags
 from ldm.cli.generation import first_stage_dtype
 from ldm.cli.metadata import ImageRecord, check_made_by, read_metadata_file
 from ldm.cli.plan import PlannedImage, RunPlan, model_geometry
@@ -79,15 +79,35 @@ def load_init_image(path: str | None, flag: str = "--init-img", purpose: str = "
 
     if not path:
         raise UsageError(f"{flag} is required: pass {purpose} (PNG, JPEG, ...)")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder: pass the path of an image file")
     if not os.path.isfile(path):
         raise UsageError(f"{flag} {path} not found: pass the path of an image file")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return as_rgb(image)
     except UnidentifiedImageError:
         raise UsageError(f"{flag} {path} is not an image PIL can read: use a PNG, JPEG or WebP file") from None
+    except Image.DecompressionBombError as error:  # PIL refuses to decode images this large
+        raise UsageError(f"{flag} {path} is too large to open safely ({str(error).split(',')[0]}): scale it "
+                         f"down first") from None
     except (OSError, ValueError) as error:  # truncated or damaged files fail while decoding
         raise UsageError(f"{flag} {path} cannot be read: {error}") from None
+
+
+def as_rgb(image: Any) -> Any:
+    """An 8-bit RGB copy of PIL `image`. 16-bit grey (PIL modes I;16*, and I holding values past 255) is scaled to
+    8 bits and float grey (F) from [0, 1], where PIL's own convert would clip them to white or black."""
+    from PIL import Image
+
+    if image.mode.startswith("I") or image.mode == "F":
+        grey = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            grey = grey * 255.0 if grey.max(initial=0.0) <= 1.0 else grey
+        elif image.mode.startswith("I;16") or grey.max(initial=0.0) > 255:
+            grey = grey / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
 
 
 def fit_size(width: int, height: int, multiple: int) -> tuple[int, int]:
@@ -170,6 +190,20 @@ def apply_recorded_img2img_settings(opt: argparse.Namespace, prog: str = PROG) -
     return record.get("init_image_hash")
 
 
+def hash_init_image(run: Run, recorded_hash: str | None) -> str:
+    """The hash of `run`'s --init-img for the metadata ("" with --no_metadata), with a note when --metadata_from
+    recorded another one."""
+    opt = run.opt
+    if opt.no_metadata:
+        return ""
+    from ldm.checkpoints import model_hash
+    init_image_hash = model_hash(opt.init_img)
+    if recorded_hash and recorded_hash != init_image_hash:
+        run.note(f"{opt.init_img} is not the init image {opt.metadata_from} was made from (hash {init_image_hash}, "
+                 f"recorded {recorded_hash}): the image will differ")
+    return init_image_hash
+
+
 class Img2ImgRun(Run):
     """txt2img's run, starting every batch from the encoded init image instead of pure noise."""
 
@@ -177,9 +211,7 @@ class Img2ImgRun(Run):
     record_type = Img2ImgRecord
 
     def __init__(self, opt: argparse.Namespace):
-        for flag, reason in TXT2IMG_ONLY.items():
-            if getattr(opt, flag):
-                raise UsageError(f"--{flag} {reason}: img2img does not take it")
+        refuse_flags(opt, TXT2IMG_ONLY, "img2img")
         recorded_hash = apply_recorded_img2img_settings(opt, self.prog)
         if not 0.0 <= opt.strength <= 1.0:  # also refuses NaN
             raise UsageError(f"--strength {opt.strength} is outside [0, 1]: 0 keeps the init image, 1 replaces it")
@@ -189,13 +221,7 @@ class Img2ImgRun(Run):
         opt.W = width if opt.W is None else opt.W
         opt.H = height if opt.H is None else opt.H
         super().__init__(opt)
-        self.init_image_hash = ""
-        if not opt.no_metadata:
-            from ldm.checkpoints import model_hash
-            self.init_image_hash = model_hash(opt.init_img)
-        if recorded_hash and self.init_image_hash and recorded_hash != self.init_image_hash:
-            self.note(f"{opt.init_img} is not the init image {opt.metadata_from} was made from (hash "
-                      f"{self.init_image_hash}, recorded {recorded_hash}): the image will differ")
+        self.init_image_hash = hash_init_image(self, recorded_hash)
         self.posteriors: dict[tuple[int, int], Any] = {}  # (W, H) -> the encoded init image at that size
 
     def size_multiple(self, opt: argparse.Namespace) -> int:

@@ -126,7 +126,10 @@ class InpaintRun(Img2ImgRun):
         self.inputs: dict[tuple[int, int], Any] = {}  # (W, H) -> InpaintingInputs at that size
 
     def check_model_kind(self, config: Any) -> None:
-        """Inpainting and text-to-image models both inpaint (the latter by blending)."""
+        """Inpainting and text-to-image models both inpaint (the latter by blending); the upscaler does not."""
+        from ldm.cli.plan import refuse_upscaler
+
+        refuse_upscaler(config, self.opt.ckpt)
 
     def make_plan(self, opt: argparse.Namespace) -> RunPlan:
         from ldm.models.diffusion.samplers import resolves_img2img

@@ -20,6 +20,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 PARAMETERS_KEY = "parameters"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_SIDECAR_BYTES = 16 << 20  # a sidecar of one image is a few hundred bytes
 NEGATIVE_PREFIX = "Negative prompt: "
 
 # Names other tools print, keyed by the sampler name squeezed to lowercase letters and digits.
@@ -129,7 +131,10 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
     pairs: dict[str, str] = {}
     if lines and len(_PAIR.findall(lines[-1])) >= 3:
         for key, value in _PAIR.findall(lines.pop()):
-            pairs[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+            try:
+                pairs[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+            except ValueError:
+                raise ValueError(f"the value of {key.strip()}, {value}, is not a complete quoted text") from None
     negative_at = next((i for i, line in enumerate(lines) if line.startswith(NEGATIVE_PREFIX)), len(lines))
     result: dict[str, Any] = {"prompt": "\n".join(lines[:negative_at]),
                               "negative_prompt": "\n".join(lines[negative_at:])[len(NEGATIVE_PREFIX):]}
@@ -142,13 +147,19 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
                   "Refiner switch at": ("refiner_switch", float),
                   "ControlNet": ("controlnet", str), "ControlNet hash": ("controlnet_hash", str),
                   "Control image": ("control_image", str), "Control image hash": ("control_image_hash", str),
-                  "Control scale": ("control_scale", float),
+                  "Control scale": ("control_scale", float), "Noise level": ("noise_level", int),
                   "Prompt weighting": ("prompt_weighting", lambda value: value == "true")}
     for key, (name, convert) in converters.items():
         if key in pairs:
-            result[name] = convert(pairs[key])
+            try:
+                result[name] = convert(pairs[key])
+            except ValueError:
+                raise ValueError(f"{key} {pairs[key]!r} is not {'a number' if convert in (int, float) else 'valid'}") \
+                    from None
     if "Size" in pairs:
         width, _, height = pairs["Size"].partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise ValueError(f"Size {pairs['Size']!r} is not WIDTHxHEIGHT")
         result["W"], result["H"] = int(width), int(height)
     return result
 
@@ -175,27 +186,47 @@ def sidecar_text(data: Mapping[str, Any]) -> str:
 
 def read_metadata_file(path: str) -> dict[str, Any]:
     """Fields from a sidecar `.yaml` or from a PNG's "parameters" chunk; ValueError with a message otherwise."""
-    if path.lower().endswith(".png"):
+    from ldm.cli.prompts import checked_info
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(len(PNG_SIGNATURE))
+            if data != PNG_SIGNATURE:  # a sidecar; a checkpoint given by mistake is not read whole
+                data += handle.read(MAX_SIDECAR_BYTES)
+    except OSError as error:
+        raise ValueError(f"cannot read metadata from {path}: {error.strerror or error}") from None
+    if data == PNG_SIGNATURE:
         try:
             text = read_png_parameters(path)
-        except OSError as error:
-            raise ValueError(f"cannot read {path}: {error}") from None
+        except (OSError, Image.DecompressionBombError) as error:  # the bomb's text goes on about attacks
+            raise ValueError(f"cannot read {path}: {str(error).split(', could be')[0]}") from None
         if text is None:
             raise ValueError(f"{path} has no \"parameters\" text chunk (was it saved with --no_metadata?)")
-        return parse_parameters_text(text)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        reason = str(error).splitlines()[0]
-        raise ValueError(f"cannot read metadata from {path}: {reason}") from None
-    if not isinstance(data, dict) or "prompt" not in data:
-        raise ValueError(f"{path} is not an image sidecar: expected a yaml mapping with a 'prompt' key")
-    return data
+        try:
+            record = parse_parameters_text(text)
+        except ValueError as error:
+            raise ValueError(f"{path}: its \"parameters\" text cannot be read: {error}") from None
+    elif path.lower().endswith(".png"):
+        raise ValueError(f"{path} is not a PNG image (its first bytes are not a PNG's): pass a PNG this tool saved, "
+                         f"or its .yaml sidecar")
+    else:
+        try:
+            record = yaml.safe_load(data.decode("utf-8-sig"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is neither a .yaml sidecar nor a PNG with a \"parameters\" text chunk (the "
+                             f"metadata of JPEG or WebP images is not read): pass the image's .yaml sidecar") from None
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid yaml: {str(error).splitlines()[0]}") from None
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise ValueError(f"{path} is not an image sidecar: expected a yaml mapping with a 'prompt' key")
+    return {**record, **checked_info(record, path)}
 
 
 def made_by(record: Mapping[str, Any]) -> str:
-    """The script that made a recorded image: a mask means inpaint.py, a strength img2img.py, else txt2img.py."""
+    """The script that made a recorded image: a noise level means upscale.py, a mask inpaint.py, a strength
+    img2img.py, else txt2img.py."""
+    if "noise_level" in record:
+        return "upscale.py"
     return "inpaint.py" if record.get("mask") else "img2img.py" if "strength" in record else "txt2img.py"
 
 

@@ -15,6 +15,7 @@ from ldm.cli.prompts import PromptFileError, PromptJob, job_from_mapping, read_p
 # The settings that must agree for images to share a batch (one sampler call).
 BATCH_KEYS = ("steps", "sampler", "scale", "eta", "H", "W")
 CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+MAX_IMAGES = 100_000  # per run: the plan holds every image, and days of sampling belong in several runs
 
 
 @dataclass
@@ -58,7 +59,7 @@ def read_jobs(opt: argparse.Namespace) -> list[PromptJob]:
             except ValueError as error:
                 raise UsageError(str(error)) from None
             opt.n_iter, opt.n_samples, opt.repeat = 1, 1, 1  # exactly the image the sidecar describes
-            return [job_from_mapping(record, opt.metadata_from)]
+            return [job_from_mapping(record, opt.metadata_from, allow_empty=True)]
         if opt.from_file:
             return read_prompt_file(opt.from_file)
     except PromptFileError as error:
@@ -92,8 +93,14 @@ def plan_batches(opt: argparse.Namespace, jobs: list[PromptJob]) -> RunPlan:
     """
     sampler = sampler_from_flags(opt)
     settings = {id(job): job_settings(opt, job, sampler) for job in jobs}
-    per_iteration = ([job for job in jobs for _ in range(opt.repeat)] if len(jobs) > 1 or opt.from_file
-                     or opt.metadata_from else jobs * (opt.n_samples * opt.repeat))
+    one_prompt = not (len(jobs) > 1 or opt.from_file or opt.metadata_from)
+    count = opt.n_iter * opt.repeat * (opt.n_samples if one_prompt else len(jobs))
+    if count > MAX_IMAGES:
+        raise UsageError(f"this run would make {count} images (--n_iter {opt.n_iter} x --repeat {opt.repeat} x "
+                         f"{f'--n_samples {opt.n_samples}' if one_prompt else f'{len(jobs)} prompts'}), more than "
+                         f"{MAX_IMAGES}: make them in several runs, moving --seed on")
+    per_iteration = (jobs * (opt.n_samples * opt.repeat) if one_prompt
+                     else [job for job in jobs for _ in range(opt.repeat)])
     batches: list[list[PlannedImage]] = []
     per_iteration_counts: list[int] = []
     made_by_job: dict[int, int] = {}
@@ -145,10 +152,24 @@ def check_files(opt: argparse.Namespace) -> None:
     if opt.safety_checker is not None and not os.path.isdir(opt.safety_checker):
         raise UsageError(f"--safety_checker {opt.safety_checker} is not a folder: pass a local copy of a safety "
                          f"checker (config.json, preprocessor_config.json and weights); nothing is downloaded")
-    if os.path.exists(opt.outdir) and not os.path.isdir(opt.outdir):
-        raise UsageError(f"--outdir {opt.outdir} is a file, not a folder: pick another --outdir")
-    if os.path.isfile(os.path.join(opt.outdir, "samples")):
-        raise UsageError(f"{os.path.join(opt.outdir, 'samples')} is a file, not a folder: pick another --outdir")
+    check_outdir(opt.outdir)
+
+
+def check_outdir(outdir: str) -> None:
+    """The images must be writable under `outdir` (OUTDIR/samples and OUTDIR), checked before anything runs."""
+    if not outdir.strip():
+        raise UsageError("--outdir is empty: pass the folder the images go to")
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise UsageError(f"--outdir {outdir} is a file, not a folder: pick another --outdir")
+    if os.path.isfile(os.path.join(outdir, "samples")):
+        raise UsageError(f"{os.path.join(outdir, 'samples')} is a file, not a folder: pick another --outdir")
+    existing = Path(outdir).absolute()
+    while not existing.exists():  # the folder that the missing ones will be made in
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--outdir {outdir} cannot be made: {existing} is a file, not a folder; pick another --outdir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--outdir {outdir}: {existing} is not writable for this user; pick another --outdir")
 
 
 SD_DEFAULTS = {"f": 8, "C": 4, "H": 512, "W": 512}  # the CompVis flag defaults, which every SD config agrees with
@@ -188,13 +209,31 @@ def model_geometry(config: Any) -> tuple[int, int, int]:
     return f, channels, unet_factor
 
 
+def builds_model_class(config: Any, name: str) -> bool:
+    """Whether the config's model.target is a class called `name`."""
+    try:
+        return str(config.model.target).rpartition(".")[2] == name
+    except AttributeError:
+        return False
+
+
 def is_inpainting_config(config: Any) -> bool:
     """Whether the config builds an inpainting model (`LatentInpaintDiffusion`: the UNet also takes the mask and the
     masked image's latents)."""
-    try:
-        return str(config.model.target).rpartition(".")[2] == "LatentInpaintDiffusion"
-    except AttributeError:
-        return False
+    return builds_model_class(config, "LatentInpaintDiffusion")
+
+
+def is_upscaler_config(config: Any) -> bool:
+    """Whether the config builds Stability's x4 upscaler (`LatentUpscaleDiffusion`: the UNet also takes the
+    low-resolution image and its noise level)."""
+    return builds_model_class(config, "LatentUpscaleDiffusion")
+
+
+def refuse_upscaler(config: Any, ckpt: str) -> None:
+    """UsageError naming scripts/upscale.py when `config` is the x4 upscaler's (other scripts cannot run it)."""
+    if is_upscaler_config(config):
+        raise UsageError(f"{ckpt} is the x4 upscaler (its UNet also takes a low-resolution image and a noise "
+                         f"level): use scripts/upscale.py --init-img IMAGE")
 
 
 def ddim_steps_fit(steps: int, timesteps: int) -> bool:

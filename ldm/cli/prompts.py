@@ -22,7 +22,10 @@ OVERRIDE_TYPES: dict[str, tuple[type, ...]] = {
 # Keys sidecars carry that say which model made the image: kept for a warning, not settings.
 INFO_KEYS = ("model", "model_hash", "vae", "lora", "embeddings", "file", "strength", "init_image", "init_image_hash",
              "refiner", "refiner_switch", "prompt_weighting", "mask", "mask_hash", "controlnet", "controlnet_hash",
-             "control_image", "control_image_hash", "control_scale")
+             "control_image", "control_image_hash", "control_scale", "noise_level")
+
+INFO_NUMBERS = ("strength", "refiner_switch", "control_scale", "noise_level")  # the other INFO_KEYS are text
+INFO_FLAGS = ("prompt_weighting",)
 
 
 class PromptFileError(ValueError):
@@ -39,10 +42,11 @@ class PromptJob:
     source: str = "--prompt"
 
 
-def job_from_mapping(mapping: Mapping[str, Any], source: str) -> PromptJob:
-    """A `PromptJob` from a JSON line or sidecar mapping; PromptFileError names the bad key or value."""
+def job_from_mapping(mapping: Mapping[str, Any], source: str, allow_empty: bool = False) -> PromptJob:
+    """A `PromptJob` from a JSON line or sidecar mapping; PromptFileError names the bad key or value. An empty
+    prompt is a mistake in a prompt file, but a recorded image (`allow_empty`) may have been made from one."""
     prompt = mapping.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str) or (not prompt.strip() and not allow_empty):
         raise PromptFileError(f"{source}: needs a non-empty string 'prompt'")
     allowed = ("prompt", *OVERRIDE_TYPES, *INFO_KEYS)
     unknown = [key for key in mapping if key not in allowed]
@@ -59,8 +63,29 @@ def job_from_mapping(mapping: Mapping[str, Any], source: str) -> PromptJob:
         if isinstance(value, float) and not math.isfinite(value):
             raise PromptFileError(f"{source}: {key} must be a finite number, got {value!r}")
         overrides[key] = value
-    info = {key: mapping[key] for key in INFO_KEYS if mapping.get(key) is not None}
-    return PromptJob(prompt=prompt, overrides=overrides, info=info, source=source)
+    return PromptJob(prompt=prompt, overrides=overrides, info=checked_info(mapping, source), source=source)
+
+
+def checked_info(mapping: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The INFO_KEYS entries of `mapping` that are not None, type-checked: numbers, true/false flags, and text (a
+    number where text belongs, as yaml reads a model named 1234, becomes that text); PromptFileError otherwise."""
+    info = {}
+    for key in INFO_KEYS:
+        value = mapping.get(key)
+        if value is None:
+            continue
+        if key in INFO_FLAGS:
+            valid, wanted = isinstance(value, bool), "true or false"
+        elif key in INFO_NUMBERS:
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            wanted = "a finite number"
+        else:
+            valid, wanted = isinstance(value, (str, int, float)) and not isinstance(value, bool), "text"
+            value = str(value) if valid else value
+        if not valid:
+            raise PromptFileError(f"{source}: {key} must be {wanted}, got {value!r}")
+        info[key] = value
+    return info
 
 
 def _read_text(path: Path) -> str:
@@ -90,7 +115,8 @@ def _jobs_from_yaml(path: Path, text: str) -> list[PromptJob]:
     entries = data if isinstance(data, list) else [data]
     if not all(isinstance(entry, dict) for entry in entries):
         raise PromptFileError(f"{path}: expected an image sidecar (a mapping with 'prompt') or a list of them")
-    return [job_from_mapping(entry, f"{path} entry {index + 1}") for index, entry in enumerate(entries)]
+    return [job_from_mapping(entry, f"{path} entry {index + 1}", allow_empty=True)
+            for index, entry in enumerate(entries)]
 
 
 def read_prompt_file(path: str) -> list[PromptJob]:
@@ -147,7 +173,10 @@ def weighting_notes(prompts: list[str], weighting: bool) -> list[str]:
 
     if weighting:
         for prompt in dict.fromkeys(prompts):
-            parse_prompt_attention(prompt)
+            for text, weight in parse_prompt_attention(prompt):
+                if weight is not None and not math.isfinite(weight):  # a weight like (word:1e400), or nested ones
+                    raise ValueError(f"the weight of \"{_shorten(text)}\" in prompt \"{_shorten(prompt)}\" "
+                                     f"overflows to {weight}: use weights such as (word:1.2)")
         return []
     marked = next((prompt for prompt in dict.fromkeys(prompts) if has_weighting_syntax(prompt)), None)
     if marked is None:

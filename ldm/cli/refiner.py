@@ -54,6 +54,7 @@ class Refiner:
     @classmethod
     def from_flags(cls, opt: argparse.Namespace, plan: RunPlan) -> "Refiner | None":
         """The refiner the flags ask for (None without --refiner); UsageError (one line) for what cannot run."""
+        from ldm.loading import LoadError, check_loadable
         from ldm.models.diffusion.refiner_handoff import resolves_handoff
 
         if opt.refiner is None:
@@ -75,6 +76,10 @@ class Refiner:
         if family != "xl-refiner":
             raise UsageError(f"--refiner {opt.refiner} is not an SDXL refiner checkpoint (its weights are "
                              f"{family or 'not a model the loader reads'}): pass sd_xl_refiner_1.0.safetensors")
+        try:
+            check_loadable(opt.refiner)
+        except LoadError as error:
+            raise UsageError(f"--refiner {opt.refiner}: {error}") from None
         if opt.offload:
             raise UsageError(f"--refiner cannot be combined with --offload {opt.offload} yet: leave one out")
         for image in plan.images:

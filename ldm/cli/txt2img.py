@@ -64,8 +64,9 @@ class Run:
             self.note(precision_note)
         self.config_path = resolve_config(opt.ckpt, opt.config, opt.v_prediction or None)
         config = load_config(self.config_path)
-        check_against_model(opt, self.plan, config)
         self.check_model_kind(config)
+        self.check_weights_fit()
+        check_against_model(opt, self.plan, config)
         from ldm.cli.refiner import Refiner, RefinerRecord
         self.refiner = Refiner.from_flags(opt, self.plan)  # --refiner: checked here, loaded beside the model
         if self.refiner is not None:
@@ -107,6 +108,22 @@ class Run:
         self.watermark_failed = False
         self.stage = "sampling"  # or "decoding": what ran out of memory, for the advice
 
+    def check_weights_fit(self) -> None:
+        """The checkpoint (with --vae) must load with its config, and every --lora and --embeddings fit the model:
+        checked on the model built without weights (shapes only), so no such mistake waits until the weights load."""
+        from ldm.loading import check_loadable
+        from ldm.lora import LoraError, check_lora
+
+        opt = self.opt
+        skeleton = check_loadable(opt.ckpt, opt.config, use_ema=True if opt.ema else None,
+                                  v_prediction=opt.v_prediction or None, vae=opt.vae)
+        for path, _ in self.loras:
+            try:
+                check_lora(skeleton, path)
+            except LoraError as error:
+                raise UsageError(f"--lora {path}: {error}") from None
+        self.embeddings.check(skeleton)
+
     def check_speed_flags(self) -> None:
         opt = self.opt
         if opt.cuda_graphs and self.device.type != "cuda":
@@ -133,8 +150,9 @@ class Run:
 
     def check_model_kind(self, config: Any) -> None:
         """Text to image (and img2img) need a text-to-image model: inpainting models also take a mask."""
-        from ldm.cli.plan import is_inpainting_config
+        from ldm.cli.plan import is_inpainting_config, refuse_upscaler
 
+        refuse_upscaler(config, self.opt.ckpt)
         if is_inpainting_config(config):
             raise UsageError(f"{self.opt.ckpt} is an inpainting model (its UNet also takes a mask and the masked "
                              f"image): use scripts/inpaint.py --init-img IMAGE --mask MASK")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.modules.diffusionmodules.util import diffusion_schedule, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
@@ -83,28 +83,19 @@ class LatentDiffusion(nn.Module):
         """The float32 schedule buffers of CompVis, computed in float64 first exactly as the original does."""
         betas = (np.asarray(given_betas, dtype=np.float64) if given_betas is not None else
                  make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
-        alphas = 1.0 - betas
-        alphas_cumprod = np.cumprod(alphas)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        buffers = diffusion_schedule(betas)
+        alphas_cumprod, alphas_cumprod_prev = buffers["alphas_cumprod"], buffers["alphas_cumprod_prev"]
         self.num_timesteps = int(betas.shape[0])
         self.linear_start, self.linear_end = linear_start, linear_end
         posterior_variance = ((1 - self.v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
                               + self.v_posterior * betas)
-        buffers = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        buffers.update({
             "posterior_variance": posterior_variance,
             # clipped because the posterior variance is 0 at the start of the chain
             "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
             "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-        }
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+        })
         for name, value in buffers.items():
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32, device="cpu"))
 
@@ -200,3 +191,22 @@ class LatentInpaintDiffusion(LatentDiffusion):
         image's latents [B, C, h, w]: `{"c_concat": [mask and latents in concat_keys order], "c_crossattn": [c]}`."""
         parts = [masked_image_latents if key == self.masked_image_key else mask for key in self.concat_keys]
         return {"c_concat": [torch.cat(parts, dim=1)], "c_crossattn": [c]}
+
+
+class LatentUpscaleDiffusion(LatentDiffusion):
+    """Stability's x4 upscaler (x4-upscaler-ema): a `hybrid-adm` UNet fed the latents with the noise-augmented
+    low-resolution image concatenated (same height and width: the f=4 autoencoder makes the output 4x larger), the
+    text as cross-attention context and the augmentation's noise level as its class label."""
+
+    def __init__(self, *args: Any, low_scale_config: Mapping[str, Any], low_scale_key: str = "LR", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.model.conditioning_key != "hybrid-adm":
+            raise ValueError(f"LatentUpscaleDiffusion needs conditioning_key 'hybrid-adm' (latents and image "
+                             f"concatenated, noise level as class label), got {self.model.conditioning_key!r}")
+        self.low_scale_model = instantiate_from_config(low_scale_config).eval()
+        self.low_scale_key = low_scale_key  # the training batch's key of the low-resolution image, as in Stability
+
+    def upscale_conditioning(self, c: Any, augmented_image: torch.Tensor, noise_level: torch.Tensor) -> dict:
+        """The hybrid-adm conditioning of text conditioning `c` for the noise-augmented low-resolution images
+        [B, 3, h, w] (from `low_scale_model`) at integer `noise_level` [B]."""
+        return {"c_concat": [augmented_image], "c_crossattn": [c], "c_adm": noise_level}

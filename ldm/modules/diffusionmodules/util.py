@@ -102,3 +102,19 @@ def make_beta_schedule(
     else:
         raise ValueError(f"unknown beta schedule {schedule!r}; use 'linear', 'cosine', 'sqrt_linear' or 'sqrt'")
     return betas.numpy()
+
+
+def diffusion_schedule(betas: np.ndarray) -> dict[str, np.ndarray]:
+    """The forward-process buffers of CompVis (and of Stability's low-resolution noise model), in float64 from
+    betas, under their checkpoint names."""
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    return {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": np.append(1.0, alphas_cumprod[:-1]),
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+    }
