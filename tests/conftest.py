@@ -72,3 +72,14 @@ def hf_vocabulary(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("vocabulary")
     write_hf_vocabulary(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-tensor tests: on a shared machine two intra-op threads wait on each other
+    (measured here: 79 s instead of 6 s for the shapes prompt grid). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,17 +5,9 @@ import pytest
 import torch
 
 from ldm.cli.txt2img import main
+from test_cli_end_to_end import one_thread  # noqa: F401 - autouse: one thread, hashes cached under tmp
 
 SIZE = 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -45,13 +45,7 @@ SCALE = 5.0
 STEPS = 10  # 999 / (STEPS - 1) is an integer, so the linspace timesteps are integers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with two intra-op threads on a loaded machine each op waits ~40 ms on the other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def conditioning(batch: int = SHAPE[0]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,13 +31,7 @@ LINUX = sys.platform.startswith("linux")
 needs_onednn = pytest.mark.skipif(not optimize.onednn_available(), reason="this PyTorch has no oneDNN")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small operations: on a shared machine one thread avoids waiting on a descheduled second one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sample_inputs(seed: int = 0, size: int = 8) -> dict:

@@ -22,14 +22,7 @@ PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 NAMES = list(COLOURS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast as two on an idle machine, and on a busy one two threads that
-    wait for each other are many times slower (measured here: 79 s instead of 6 s for the prompt grid)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def prompt_grid() -> list[tuple[str, str, str]]:

@@ -27,14 +27,7 @@ FINETUNE = Path(__file__).resolve().parent.parent / "configs" / "finetune" / "lo
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast as two on an idle machine, and on a busy one two threads that
-    wait for each other are many times slower (measured here: 79 s instead of 6 s for the prompt grid)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_training_config(folder: Path, training: dict, max_steps: int, batch_size: int = 4, length: int = 8) -> Path:

@@ -28,13 +28,7 @@ SEEDS = [5, 6]
 SCALE = 5.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with two intra-op threads on a loaded machine each op waits ~40 ms on the other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def conditioning() -> tuple[torch.Tensor, torch.Tensor]:
