@@ -7,6 +7,7 @@ callback record, numpy scalars) are allowed by name and rebuilt as inert stand-i
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import mmap
@@ -171,9 +172,16 @@ def read_object(path: str | os.PathLike) -> Any:
 
 
 def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Key -> shape without reading tensor data (safetensors header; a memory-mapped .ckpt)."""
+    """Key -> shape without reading tensor data (safetensors header; a memory-mapped .ckpt). Remembered per file
+    version, since a run asks several times (config choice, fit checks) before it loads."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
+    stat = os.stat(path)
+    return dict(_read_shapes(os.path.realpath(path), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_shapes(path: str, size: int, mtime_ns: int) -> dict[str, tuple[int, ...]]:
     if detect_format(path) == SAFETENSORS:
         with open(path, "rb") as handle:
             try:
