@@ -23,6 +23,10 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from ldm.checkpoints import CheckpointError, read_checkpoint
+from ldm.modules.encoders.clip_text import CLIPTextModel
+from ldm.modules.encoders.open_clip_text import OpenCLIPTextTransformer
+
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
 KOHYA_MODULE = re.compile(r"^lora_(?:unet|te\d*)_")
@@ -74,9 +78,6 @@ def open_clip_layers(tower: nn.Module) -> Iterator[tuple[str, LoraTarget]]:
 
 def text_encoders(model: nn.Module) -> list[nn.Module]:
     """The model's CLIP and OpenCLIP text towers in conditioning order (SDXL: embedders.0, then embedders.1)."""
-    from ldm.modules.encoders.clip_text import CLIPTextModel
-    from ldm.modules.encoders.open_clip_text import OpenCLIPTextTransformer
-
     conditioning = getattr(model, "cond_stage_model", None)
     if not isinstance(conditioning, nn.Module):
         return []
@@ -85,8 +86,6 @@ def text_encoders(model: nn.Module) -> list[nn.Module]:
 
 def lora_targets(model: nn.Module) -> dict[str, LoraTarget]:
     """Kohya module name -> target, for every linear and convolution layer a LoRA file may address."""
-    from ldm.modules.encoders.open_clip_text import OpenCLIPTextTransformer
-
     targets: dict[str, LoraTarget] = {}
     for path, module in model.model.diffusion_model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -162,8 +161,6 @@ def group_lora_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, L
 
 def read_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a LoRA file (.safetensors, or a torch pickle read safely)."""
-    from ldm.checkpoints import CheckpointError, read_checkpoint
-
     try:
         state_dict, _ = read_checkpoint(path)
     except CheckpointError as error:  # its message names the file already

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from ldm.checkpoints import CheckpointError, read_object
 from ldm.modules.encoders.clip_text import CLIPTextModel, TokenEmbedding
 from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer, clean_text
 
@@ -93,8 +94,6 @@ def vectors_in(obj: Any, where: str) -> dict[str, torch.Tensor]:
 
 def read_textual_inversion(path: str | os.PathLike, name: str | None = None) -> TextualInversion:
     """The embedding in file `path`, named `name` (default: the file's stem, or a diffusers file's token)."""
-    from ldm.checkpoints import CheckpointError, read_object
-
     path = Path(path)
     try:
         obj = read_object(path)

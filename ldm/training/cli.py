@@ -9,9 +9,23 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from ldm.checkpoints import CheckpointError
+from ldm.loading import LoadError
+from ldm.training.autoencoder import AutoencoderTraining
+from ldm.training.callbacks import CheckpointAndExport, SampleImages
+from ldm.training.diffusion import LatentDiffusionTraining
+from ldm.training.lightning import pl
+from ldm.training.settings import TrainingSettings
+from ldm.util import instantiate_from_config, to_plain
 
 PROG = "main.py"
 PROJECT_CONFIG = "project.yaml"
@@ -83,8 +97,6 @@ def resolve_resume(resume: str) -> tuple[Path, Path]:
 
 
 def load_config(opt: argparse.Namespace, overrides: list[str], run_dir: Path | None) -> Any:
-    from omegaconf import OmegaConf
-
     paths = [Path(base) for base in opt.base]
     if run_dir is not None and (run_dir / "configs" / PROJECT_CONFIG).is_file():
         paths.insert(0, run_dir / "configs" / PROJECT_CONFIG)
@@ -125,27 +137,17 @@ def new_run_dir(opt: argparse.Namespace) -> Path:
 
 
 def build_module(config: Any, learning_rate: float, seed: int) -> Any:
-    from ldm.training.settings import TrainingSettings
-    from ldm.util import to_plain
-
     settings = TrainingSettings.from_config(to_plain(config.get("training")))
     target = config.model.target
     if target.endswith("AutoencoderKL"):
-        from ldm.training.autoencoder import AutoencoderTraining
         return AutoencoderTraining(config.model, settings, learning_rate, seed)
     if target.endswith("LatentDiffusion"):
-        from ldm.training.diffusion import LatentDiffusionTraining
         return LatentDiffusionTraining(config.model, settings, learning_rate, seed)
     raise UsageError(f"model.target {target} cannot be trained: use ldm.models.diffusion.ddpm.LatentDiffusion or "
                      "ldm.models.autoencoder.AutoencoderKL")
 
 
 def build_dataloader(config: Any, seed: int, needs_captions: bool) -> Any:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from ldm.util import instantiate_from_config
-
     params = config.data.params
     dataset = instantiate_from_config(params.train)
     batch_size = int(params.batch_size)
@@ -164,12 +166,6 @@ def build_dataloader(config: Any, seed: int, needs_captions: bool) -> Any:
 
 
 def build_trainer(config: Any, run_dir: Path, module: Any, seed: int) -> Any:
-    import warnings
-
-    from ldm.training.callbacks import CheckpointAndExport, SampleImages
-    from ldm.training.lightning import pl
-    from ldm.util import to_plain
-
     # the frozen autoencoder (and text encoder) are in eval mode on purpose
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
@@ -187,8 +183,6 @@ def build_trainer(config: Any, run_dir: Path, module: Any, seed: int) -> Any:
 
 def latent_std(module: Any, loader: Any, batches: int = 8) -> float:
     """Standard deviation of the autoencoder's latent samples over a few batches (scale_factor is its inverse)."""
-    import torch
-
     values = []
     with torch.no_grad():
         for index, batch in enumerate(loader):
@@ -201,17 +195,11 @@ def latent_std(module: Any, loader: Any, batches: int = 8) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train as the arguments say; returns the exit status (0 done, 2 bad input)."""
-    from ldm.checkpoints import CheckpointError
-    from ldm.loading import LoadError
-
     try:
         opt, overrides = parse_args(argv)
         run_dir, resume_ckpt = resolve_resume(opt.resume) if opt.resume else (None, None)
         config = load_config(opt, overrides, run_dir)
         run_dir = run_dir if run_dir is not None else new_run_dir(opt)
-        import torch
-        from omegaconf import OmegaConf
-
         if opt.threads is not None:
             torch.set_num_threads(max(1, opt.threads))
         torch.manual_seed(opt.seed)  # initial weights: modules draw them from the global generator when built

@@ -17,6 +17,8 @@ import torch
 
 from ldm.checkpoints import read_checkpoint
 from ldm.loading import check_keys, select_ema
+from ldm.models.diffusion.noise import ImageNoise
+from ldm.models.diffusion.samplers import sample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.training.ema import LitEma
 from ldm.training.export import cast_weights
@@ -201,9 +203,6 @@ class LatentDiffusionTraining(pl.LightningModule):
     @torch.no_grad()
     def sample_images(self, prompts: list[str], steps: int, scale: float, sampler: str, seed: int) -> np.ndarray:
         """uint8 images [N, H, W, 3] for `prompts` (EMA weights), one seed each: seed, seed + 1, ..."""
-        from ldm.models.diffusion.noise import ImageNoise
-        from ldm.models.diffusion.samplers import sample
-
         was_training = self.training
         self.eval()
         try:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ldm.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
+from ldm.modules.attention import SpatialTransformer
 
 TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
 
@@ -48,8 +49,6 @@ def _is_adaptable(module: nn.Module) -> bool:
 
 def unet_targets(unet: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(kohya name, layer) for the linear / 1x1 layers inside every SpatialTransformer of the UNet."""
-    from ldm.modules.attention import SpatialTransformer
-
     for block_name, block in unet.named_modules():
         if isinstance(block, SpatialTransformer):
             for name, layer in block.named_modules():

@@ -14,7 +14,7 @@ import torch
 
 from ldm.models.diffusion.k_denoisers import make_denoiser
 from ldm.models.diffusion.noise import ImageNoise
-from ldm.models.diffusion.samplers import _check_request, _run_k_sampler, resolve_sampler
+from ldm.models.diffusion.samplers import check_sampling_request, resolve_sampler, run_k_sampler
 
 # Timesteps recovered from sigmas carry float error (999/9 * 7 comes back as 776.99994): counted as on the cutoff
 TIMESTEP_TOLERANCE = 1e-3
@@ -45,7 +45,7 @@ def sample_with_refiner(base: Any, refiner: Any, name: str, steps: int, shape: S
     A multistep sampler (dpmpp_2m) restarts its history at the hand-off, as diffusers' second scheduler does."""
     spec = resolve_sampler(name)
     shape = tuple(int(size) for size in shape)
-    _check_request(spec, steps, shape, noise, eta)
+    check_sampling_request(spec, steps, shape, noise, eta)
     if spec.compvis is not None:
         raise ValueError(f"sampler {spec.name!r} cannot hand off to a refiner mid-schedule: use a k-diffusion "
                          f"sampler (euler, euler_a, dpmpp_2m, ...)")
@@ -63,9 +63,9 @@ def sample_with_refiner(base: Any, refiner: Any, name: str, steps: int, shape: S
     split = handoff_index(timesteps, switch, base.num_timesteps)
     x = x_T * sigmas[0]
     if split > 0:
-        x = _run_k_sampler(spec, base_denoiser, x, sigmas[:split + 1], *base_conditioning, scale, noise, eta, None,
+        x = run_k_sampler(spec, base_denoiser, x, sigmas[:split + 1], *base_conditioning, scale, noise, eta, None,
                            disable)
     if split < len(timesteps):
-        x = _run_k_sampler(spec, refiner_denoiser, x, sigmas[split:], *refiner_conditioning, scale, noise, eta,
+        x = run_k_sampler(spec, refiner_denoiser, x, sigmas[split:], *refiner_conditioning, scale, noise, eta,
                            None, disable)
     return x

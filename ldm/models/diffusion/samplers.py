@@ -129,7 +129,7 @@ def sample(model: Any, name: str, steps: int, shape: Sequence[int], cond: Any, u
     """
     spec = resolve_sampler(name)
     shape = tuple(int(size) for size in shape)
-    _check_request(spec, steps, shape, noise, eta)
+    check_sampling_request(spec, steps, shape, noise, eta)
     if x_T is None:
         x_T = noise.randn(shape, device=model.device, dtype=torch.float32)
     elif tuple(x_T.shape) != shape:
@@ -142,7 +142,7 @@ def sample(model: Any, name: str, steps: int, shape: Sequence[int], cond: Any, u
 
     denoiser = make_denoiser(model)
     sigmas = spec.sigmas(denoiser, steps).to(x_T.device)
-    latents = _run_k_sampler(spec, _around_denoiser(denoiser, known), x_T * sigmas[0], sigmas, cond, uncond, scale,
+    latents = run_k_sampler(spec, _around_denoiser(denoiser, known), x_T * sigmas[0], sigmas, cond, uncond, scale,
                              noise, eta, callback, disable)
     return _paste_known(latents, known)
 
@@ -170,7 +170,7 @@ def sample_img2img(model: Any, name: str, steps: int, x_init: torch.Tensor, stre
     `noise` when None); `known` is as for `sample`.
     """
     spec = resolve_sampler(name)
-    _check_request(spec, steps, tuple(x_init.shape), noise, eta)
+    check_sampling_request(spec, steps, tuple(x_init.shape), noise, eta)
     t_enc = img2img_steps(steps, strength)
     if spec.name == "ddim":
         latents = _ddim_img2img(spec, _around_model(model, known), steps, x_init, t_enc, cond, uncond, scale, noise,
@@ -183,7 +183,7 @@ def sample_img2img(model: Any, name: str, steps: int, x_init: torch.Tensor, stre
     sigmas = spec.sigmas(denoiser, steps).to(x_init.device)[steps - t_enc:]
     x = x_init + (noise.randn_like(x_init) if start_noise is None else start_noise) * sigmas[0]
     if t_enc > 0:
-        x = _run_k_sampler(spec, _around_denoiser(denoiser, known), x, sigmas, cond, uncond, scale, noise, eta, None,
+        x = run_k_sampler(spec, _around_denoiser(denoiser, known), x, sigmas, cond, uncond, scale, noise, eta, None,
                            disable)
     return _paste_known(x, known)
 
@@ -206,8 +206,10 @@ def resolves_img2img(name: str) -> bool:
     return spec.name == "ddim" or spec.compvis is None
 
 
-def _check_request(spec: SamplerSpec, steps: int, shape: tuple[int, ...], noise: ImageNoise,
-                   eta: float | None) -> None:
+def check_sampling_request(spec: SamplerSpec, steps: int, shape: tuple[int, ...], noise: ImageNoise,
+                           eta: float | None) -> None:
+    """ValueError unless `steps`, the latents' `shape` [B, C, H, W] (B = one seed of `noise` each) and `eta` suit
+    sampler `spec`."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if len(shape) != 4 or shape[0] != len(noise):
@@ -218,9 +220,11 @@ def _check_request(spec: SamplerSpec, steps: int, shape: tuple[int, ...], noise:
                          "use an ancestral or SDE sampler, or ddim, for eta > 0")
 
 
-def _run_k_sampler(spec: SamplerSpec, denoiser: CompVisDenoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: Any,
-                   uncond: Any, scale: float, noise: ImageNoise, eta: float | None,
-                   callback: Callable[[dict[str, Any]], None] | None, disable: bool | None) -> torch.Tensor:
+def run_k_sampler(spec: SamplerSpec, denoiser: CompVisDenoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: Any,
+                  uncond: Any, scale: float, noise: ImageNoise, eta: float | None,
+                  callback: Callable[[dict[str, Any]], None] | None, disable: bool | None) -> torch.Tensor:
+    """k-diffusion sampler `spec` from `x` (at noise level sigmas[0]) down `sigmas`, guided with `scale` between
+    `cond` and `uncond`, its step noise from `noise`; `eta` None keeps the sampler's default."""
     knobs: dict[str, Any] = {"noise_sampler": noise.noise_sampler(x)}
     if eta is not None and spec.stochastic:
         knobs["eta"] = eta

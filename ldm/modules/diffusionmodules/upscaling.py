@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ldm.models.diffusion.ddpm import extract_into_tensor
+from ldm.models.diffusion.noise import ImageNoise
 from ldm.modules.diffusionmodules.util import diffusion_schedule, make_beta_schedule
 
 
@@ -51,6 +52,5 @@ class ImageConcatWithNoiseAugmentation(nn.Module):
         if noise_level.min() < 0 or noise_level.max() > self.max_noise_level:
             raise ValueError(f"noise levels {noise_level.tolist()} must lie in [0, {self.max_noise_level}]")
         if noise is None:
-            from ldm.models.diffusion.noise import ImageNoise
             noise = ImageNoise.from_global_rng(x.shape[0]).randn_like(x)
         return self.q_sample(x, noise_level, noise.to(x)), noise_level
