@@ -56,3 +56,36 @@ def make_tiny_xl_checkpoint(path: str | Path, family: str = "xl", seed: int = 0)
 
     state_dict = random_state_dict(TEST_CONFIGS / f"tiny-{family}.yaml", seed)
     return write_checkpoint({key: value for key, value in state_dict.items() if key not in SCHEDULE_KEYS}, path)
+
+
+def make_tiny_controlnet(path: str | Path, seed: int = 5) -> Path:
+    """A tiny ControlNet 1.1-style file at `path` (`control_model.*` keys alone, a bare state dict) drawn from
+    tests/configs/tiny-cldm-v1.yaml, whose base UNet is tiny-v1's."""
+    state_dict = random_state_dict(TEST_CONFIGS / "tiny-cldm-v1.yaml", seed)
+    control = {key: value for key, value in state_dict.items() if key.startswith("control_model.")}
+    return write_checkpoint(control, path, lightning=False)
+
+
+LORA_LAYERS = {  # kohya name -> checkpoint key of the layer it changes
+    "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q":
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+    "lora_unet_middle_block_1_proj_in":
+        "model.diffusion_model.middle_block.1.proj_in.weight",
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj":
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+}
+
+
+def write_lora(path: Path, state_dict: dict[str, torch.Tensor], rank: int = 2, alpha: float = 1.0) -> dict:
+    """A random kohya LoRA for the tiny model's layers, and each layer's delta per unit weight (computed here)."""
+    generator = torch.Generator().manual_seed(3)
+    lora, deltas = {}, {}
+    for name, key in LORA_LAYERS.items():
+        weight = state_dict[key]
+        down = torch.randn(rank, *weight.shape[1:], generator=generator)
+        up = torch.randn(weight.shape[0], rank, *([1] * (weight.ndim - 2)), generator=generator) * 0.5
+        lora.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                     f"{name}.alpha": torch.tensor(alpha)})
+        deltas[key] = torch.einsum("or,ri->oi", up.flatten(1), down.flatten(1)).reshape(weight.shape) * alpha / rank
+    write_checkpoint(lora, path)
+    return deltas
