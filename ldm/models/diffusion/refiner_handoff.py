@@ -14,7 +14,7 @@ import torch
 
 from ldm.models.diffusion.k_denoisers import make_denoiser
 from ldm.models.diffusion.noise import ImageNoise
-from ldm.models.diffusion.samplers import check_sampling_request, resolve_sampler, run_k_sampler
+from ldm.models.diffusion.samplers import resolve_sampler
 
 # Timesteps recovered from sigmas carry float error (999/9 * 7 comes back as 776.99994): counted as on the cutoff
 TIMESTEP_TOLERANCE = 1e-3
@@ -22,7 +22,7 @@ TIMESTEP_TOLERANCE = 1e-3
 
 def resolves_handoff(name: str) -> bool:
     """Whether sampler `name` can hand off to a refiner mid-schedule (the k-diffusion samplers can)."""
-    return resolve_sampler(name).compvis is None
+    return resolve_sampler(name).can_hand_off
 
 
 def handoff_index(timesteps: torch.Tensor, switch: float, num_timesteps: int) -> int:
@@ -45,8 +45,8 @@ def sample_with_refiner(base: Any, refiner: Any, name: str, steps: int, shape: S
     A multistep sampler (dpmpp_2m) restarts its history at the hand-off, as diffusers' second scheduler does."""
     spec = resolve_sampler(name)
     shape = tuple(int(size) for size in shape)
-    check_sampling_request(spec, steps, shape, noise, eta)
-    if spec.compvis is not None:
+    spec.check_request(steps, shape, noise, eta)
+    if not spec.can_hand_off:
         raise ValueError(f"sampler {spec.name!r} cannot hand off to a refiner mid-schedule: use a k-diffusion "
                          f"sampler (euler, euler_a, dpmpp_2m, ...)")
     if base.alphas_cumprod.shape != refiner.alphas_cumprod.shape or not torch.allclose(
@@ -63,9 +63,7 @@ def sample_with_refiner(base: Any, refiner: Any, name: str, steps: int, shape: S
     split = handoff_index(timesteps, switch, base.num_timesteps)
     x = x_T * sigmas[0]
     if split > 0:
-        x = run_k_sampler(spec, base_denoiser, x, sigmas[:split + 1], *base_conditioning, scale, noise, eta, None,
-                           disable)
+        x = spec.run(base_denoiser, x, sigmas[:split + 1], *base_conditioning, scale, noise, eta, None, disable)
     if split < len(timesteps):
-        x = run_k_sampler(spec, refiner_denoiser, x, sigmas[split:], *refiner_conditioning, scale, noise, eta,
-                           None, disable)
+        x = spec.run(refiner_denoiser, x, sigmas[split:], *refiner_conditioning, scale, noise, eta, None, disable)
     return x
