@@ -6,13 +6,13 @@ import math
 import os
 import re
 import textwrap
-from typing import Any, Sequence
+from typing import Sequence
+
+from ldm.models.diffusion.samplers import available_samplers
+from ldm.pipeline.errors import UsageError
+from ldm.pipeline.request import resolve_sampler
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
-MAX_SEED = 2**32 - 1  # numpy's RandomState and other tools take 32-bit seeds; staying inside keeps seeds portable
-MAX_STEPS = 1000  # the models' number of training timesteps
-MAX_SIDE = 16384  # pixels: far past what any model makes well; larger sizes only exhaust memory, even tiled
-MAX_SCALE = 100.0  # |--scale|: ComfyUI's limit too; far past it, guidance overflows to NaN
 PRECISIONS = ("full", "autocast", "fp32", "fp16", "bf16")
 
 DESCRIPTION = "Text to image with Stable Diffusion (the CompVis txt2img script, with the same flags)."
@@ -31,10 +31,6 @@ object such as {"prompt": "a cat", "seed": 7, "scale": 5, "steps": 30, "H": 512,
 "negative_prompt": "blurry"}. A .yaml sidecar of a saved image is accepted too.
 
 exit status: 0 done, 1 failed while generating, 2 bad input (nothing is written then)."""
-
-
-class UsageError(Exception):
-    """Bad input: one line for the user, exit status 2, raised before anything heavy starts."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -65,8 +61,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _sampler_help() -> str:
-    from ldm.models.diffusion.samplers import available_samplers
-
     names = [name for name in available_samplers() if not name.endswith("_karras")]
     return (f"sampler by name (default: ddim, or as --plms/--dpm_solver say): {', '.join(names)}; add _karras for "
             f"Karras sigmas (dpmpp_2m_karras); the names other tools print work too (\"Euler a\", "
@@ -210,44 +204,6 @@ def lora_specs(values: Sequence[str] | None) -> list[tuple[str, float]]:
     return specs
 
 
-def check_image_settings(settings: dict[str, Any], where: str, f: int) -> None:
-    """One prompt's effective settings (flags plus its overrides): steps, size, scale, eta, sampler/eta pairing."""
-    steps = settings["steps"]
-    if not 1 <= steps <= MAX_STEPS:
-        raise UsageError(f"{where}: steps {steps} is out of range: use 1..{MAX_STEPS}")
-    for name in ("H", "W"):
-        value = settings[name]
-        multiple = math.lcm(8, f)
-        if value <= 0 or value % multiple:
-            raise UsageError(f"{where}: {name} {value} is not a positive multiple of {multiple}: "
-                             f"try {nearest_multiples(value, multiple)}")
-        if value > MAX_SIDE:
-            raise UsageError(f"{where}: {name} {value} is too large: sides are at most {MAX_SIDE} pixels")
-    if not math.isfinite(settings["scale"]):
-        raise UsageError(f"{where}: scale {settings['scale']} is not a finite number")
-    if abs(settings["scale"]) > MAX_SCALE:
-        raise UsageError(f"{where}: scale {settings['scale']:g} is too large: guidance scales lie in "
-                         f"-{MAX_SCALE:g}..{MAX_SCALE:g} (usually 1 to 15; 7.5 is the default)")
-    eta = settings["eta"]
-    if eta is not None and (not math.isfinite(eta) or eta < 0):
-        raise UsageError(f"{where}: eta {eta} must be a number >= 0")
-
-
-def nearest_multiples(value: int, multiple: int) -> str:
-    """"32 or 48": the multiples of `multiple` around `value` (only the upper one below the first)."""
-    lower = value // multiple * multiple
-    return f"{lower} or {lower + multiple}" if lower > 0 else str(multiple)
-
-
-def check_seed(seed: int, where: str, last_offset: int = 0) -> None:
-    """`seed` and `seed + last_offset` (the run's last image) must be valid seeds."""
-    if seed < 0 or seed > MAX_SEED:
-        raise UsageError(f"{where}: seed {seed} is out of range: seeds must lie in 0..{MAX_SEED}")
-    if seed + last_offset > MAX_SEED:
-        raise UsageError(f"{where}: seed {seed} gives a later image the seed {seed + last_offset}, out of range: "
-                         f"seeds must lie in 0..{MAX_SEED} (image i of a run uses seed + i); use a smaller seed")
-
-
 def sampler_from_flags(opt: argparse.Namespace) -> str:
     """The sampler the flags ask for: --sampler, --plms or --dpm_solver (refusing contradictions), else ddim."""
     from_flags = [name for flag, name in (("plms", "plms"), ("dpm_solver", "dpm_solver")) if getattr(opt, flag)]
@@ -258,27 +214,3 @@ def sampler_from_flags(opt: argparse.Namespace) -> str:
     return resolve_sampler(opt.sampler) if opt.sampler is not None else (from_flags or ["ddim"])[0]
 
 
-def resolve_sampler(name: str, where: str = "--sampler") -> str:
-    """The registered sampler for `name`, accepting the spellings users know ("Euler a", "DPM++ 2M Karras")."""
-    from ldm.models.diffusion import samplers
-
-    try:
-        return samplers.resolve_sampler(name).name
-    except ValueError:
-        raise UsageError(f"{where}: unknown sampler {name!r}; available: "
-                         f"{', '.join(samplers.available_samplers())}") from None
-
-
-def sampler_eta(sampler: str, eta: float | None, explicit: bool, where: str) -> float | None:
-    """The eta to pass: DDIM takes --ddim_eta (CompVis); other stochastic samplers keep their own default (1) unless
-    an eta other than 0 is given; deterministic samplers refuse one."""
-    from ldm.models.diffusion import samplers
-
-    if sampler == "ddim":
-        return 0.0 if eta is None else eta
-    if eta is None or (eta == 0 and not explicit):
-        return None
-    if not samplers.resolve_sampler(sampler).stochastic:
-        hint = "use --ddim_eta 0 or --sampler ddim" if sampler == "plms" else "use an ancestral/SDE sampler or ddim"
-        raise UsageError(f"{where}: {sampler} is deterministic and takes no eta (got {eta}): {hint}")
-    return eta

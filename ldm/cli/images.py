@@ -5,16 +5,9 @@ import math
 from typing import Sequence
 
 import numpy as np
-import torch
 
 GRID_PADDING = 2  # torchvision's make_grid default, which the CompVis script uses
 WATERMARK_TEXT = "StableDiffusionV1"
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Decoded images [B, 3, H, W] in [-1, 1] to uint8 [B, H, W, 3], truncating 255 * x as the CompVis script does."""
-    unit = torch.nan_to_num(torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0), nan=0.0)
-    return (255.0 * unit.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
 
 
 def make_grid(images: Sequence[np.ndarray], per_row: int) -> np.ndarray:

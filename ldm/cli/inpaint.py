@@ -1,4 +1,5 @@
-"""`scripts/inpaint.py`: repaint the white part of a mask in an init image, on the img2img run machinery.
+"""`scripts/inpaint.py`: repaint the white part of a mask in an init image: img2img's shell with the
+`ldm.pipeline.Inpaint` add-on.
 
 Inpainting models (sd-v1-5-inpainting, 512-inpainting-ema) get the mask and the masked image's latents beside the
 latents; every other SD 1.x/2.x/XL model repaints by latent blending (see `ldm.models.diffusion.inpainting`). The
@@ -8,21 +9,13 @@ diffusers resizes it), made grey and binarised at 0.5: white (>= 0.5) is repaint
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
-
-import numpy as np
-import torch
+from typing import Sequence
 
 from ldm.cli import img2img
-from ldm.cli.arguments import UsageError
-from ldm.cli.img2img import (Img2ImgRecord, Img2ImgRun, encode_init_image, image_to_tensor, load_init_image,
-                              read_recorded, take_recorded_file)
-from ldm.cli.plan import PlannedImage, RunPlan, is_inpainting_config
-from ldm.cli.txt2img import Run
+from ldm.cli.img2img import Img2ImgShell, file_hash, read_recorded, take_recorded_file
 from ldm.cli.txt2img import main as run_main
-from ldm.models.diffusion.noise import ImageNoise
+from ldm.pipeline import AddOn, Inpaint
+from ldm.pipeline.images import load_image
 
 PROG = "inpaint.py"
 DESCRIPTION = ("Inpainting with Stable Diffusion: repaint the white part of --mask in --init-img, with an inpainting "
@@ -69,113 +62,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def mask_to_tensor(mask: Any, width: int, height: int) -> torch.Tensor:
-    """The mask (PIL) in grey levels, resized (LANCZOS) to width x height and binarised: [1, 1, H, W], 1 = repaint."""
-    from PIL import Image
-
-    from ldm.models.diffusion.inpainting import binarize_mask
-
-    grey = mask.convert("L").resize((width, height), resample=Image.LANCZOS)
-    return binarize_mask(torch.from_numpy(np.asarray(grey).astype(np.float32) / 255.0)[None, None])
-
-
-@dataclass
-class InpaintRecord(Img2ImgRecord):
-    """An inpainted image's settings: img2img's plus which mask it was made with."""
-
-    mask: str = ""  # the --mask path as given
-    mask_hash: str = ""  # first 10 hex digits of its SHA-256
-
-    def extra_parameters(self) -> list[tuple[str, str]]:
-        pairs = [("Mask", Path(self.mask).name)] + ([("Mask hash", self.mask_hash)] if self.mask_hash else [])
-        return super().extra_parameters() + pairs
-
-
-def apply_recorded_mask(opt: argparse.Namespace) -> str | None:
-    """--metadata_from an inpainted image: its mask unless --mask names one. Returns the recorded mask hash."""
-    record = read_recorded(opt, PROG)
-    if record is None:
-        return None
-    take_recorded_file(opt, record, "mask", "mask", "the mask", "--mask")
-    return record.get("mask_hash")
-
-
-class InpaintRun(Img2ImgRun):
-    """img2img's run with a mask: the inpainting model sees it, or the kept region is blended back every step."""
+class InpaintShell(Img2ImgShell):
+    """img2img's shell with a mask: the inpainting model sees it, or the kept region is blended back every step."""
 
     prog = PROG
-    record_type = InpaintRecord
 
-    def __init__(self, opt: argparse.Namespace):
-        recorded_hash = apply_recorded_mask(opt)
-        self.mask_image = load_init_image(opt.mask, "--mask", "the mask (white: repaint, black: keep)")
-        super().__init__(opt)
+    def prepare(self, opt: argparse.Namespace) -> None:
+        record = read_recorded(opt, PROG)
+        if record is not None:  # --metadata_from an inpainted image: its mask unless --mask names one
+            take_recorded_file(opt, record, "mask", "mask", "the mask", "--mask")
+        self.recorded_mask_hash = (record or {}).get("mask_hash")
+        self.mask_image = load_image(opt.mask, "--mask", "the mask (white: repaint, black: keep)")
+        super().prepare(opt)
+
+    def sampling_addon(self) -> AddOn | None:
+        opt = self.opt
+        image_hash = file_hash(self, opt.init_img, self.recorded_init_hash, "init image")
         if self.mask_image.size != self.init_image.size:
             self.note(f"the mask is {self.mask_image.size[0]}x{self.mask_image.size[1]}, the init image "
                       f"{self.init_image.size[0]}x{self.init_image.size[1]}: both are resized to {opt.W}x{opt.H} "
                       f"(as diffusers does)")
-        if np.asarray(self.mask_image.convert("L")).max() < 128:  # binarised at 0.5: 128/255 is the first white
+        addon = Inpaint(self.init_image, self.mask_image, opt.strength, opt.init_img, image_hash, opt.mask)
+        if not addon.has_white:
             self.note(f"the mask {opt.mask} has no white (>= 50% grey): nothing will be repainted")
-        self.mask_hash = ""
-        if not opt.no_metadata:
-            from ldm.checkpoints import model_hash
-            self.mask_hash = model_hash(opt.mask)
-        if recorded_hash and self.mask_hash and recorded_hash != self.mask_hash:
-            self.note(f"{opt.mask} is not the mask {opt.metadata_from} was made with (hash {self.mask_hash}, "
-                      f"recorded {recorded_hash}): the image will differ")
-        self.inputs: dict[tuple[int, int], Any] = {}  # (W, H) -> InpaintingInputs at that size
-
-    def check_model_kind(self, config: Any) -> None:
-        """Inpainting and text-to-image models both inpaint (the latter by blending); the upscaler does not."""
-        from ldm.cli.plan import refuse_upscaler
-
-        refuse_upscaler(config, self.opt.ckpt)
-
-    def make_plan(self, opt: argparse.Namespace) -> RunPlan:
-        from ldm.models.diffusion.samplers import resolves_img2img
-
-        plan = Run.make_plan(self, opt)  # img2img's sampler rule is looser for inpainting models at strength 1
-        if is_inpainting_config(self.peek_config(opt)) and opt.strength == 1.0:
-            return plan
-        for image in plan.images:
-            sampler = image.settings["sampler"]
-            if not resolves_img2img(sampler):
-                raise UsageError(f"inpainting cannot use the {sampler} sampler with a text-to-image checkpoint or "
-                                 f"--strength below 1: use ddim (the default) or a k-diffusion sampler such as "
-                                 f"euler_a or dpmpp_2m")
-        return plan
-
-    def inputs_at(self, width: int, height: int) -> Any:
-        """The init image and mask prepared for images of width x height (encoded once per size)."""
-        from ldm.models.diffusion.inpainting import InpaintingInputs, is_inpainting_model, latent_mask, masked_image
-
-        if (width, height) not in self.inputs:
-            image = image_to_tensor(self.init_image, width, height)
-            mask = mask_to_tensor(self.mask_image, width, height)
-            inpainting = is_inpainting_model(self.model)
-            self.inputs[width, height] = InpaintingInputs(
-                image_posterior=encode_init_image(self.model, image) if not inpainting or self.opt.strength < 1
-                else None,
-                mask=latent_mask(mask, height // self.opt.f, width // self.opt.f),
-                masked_image_posterior=encode_init_image(self.model, masked_image(image, mask)) if inpainting
-                else None)
-        return self.inputs[width, height]
-
-    def sample_latents(self, batch: list[PlannedImage], cond: Any, uncond: Any, sampler: str, steps: int,
-                       eta: float | None) -> tuple[torch.Tensor, int]:
-        from ldm.models.diffusion.inpainting import sample_inpaint
-        from ldm.models.diffusion.samplers import img2img_steps
-
-        settings = batch[0].settings
-        inputs = self.inputs_at(settings["W"], settings["H"])
-        latents = sample_inpaint(self.model, sampler, steps, inputs, self.opt.strength, cond, uncond,
-                                 settings["scale"], ImageNoise([image.seed for image in batch]), eta=eta)
-        return latents, img2img_steps(steps, self.opt.strength)
-
-    def record(self, image: PlannedImage) -> InpaintRecord:
-        return InpaintRecord(**super().record(image).to_mapping(), mask=self.opt.mask, mask_hash=self.mask_hash)
+        addon.mask_hash = file_hash(self, opt.mask, self.recorded_mask_hash, "mask")
+        return addon
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run inpainting with command-line `argv`; returns the exit status (0 done, 1 failed, 2 bad input)."""
-    return run_main(argv, prog=PROG, parse=parse_args, run_type=InpaintRun)
+    return run_main(argv, prog=PROG, parse=parse_args, shell=InpaintShell)

@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ldm.cli.arguments import (DEFAULT_CKPT, UsageError, check_image_settings, check_seed, nearest_multiples,
-                               resolve_sampler, sampler_eta, sampler_from_flags)
-from ldm.cli.metadata import read_metadata_file
+from ldm.cli.arguments import DEFAULT_CKPT, sampler_from_flags
 from ldm.cli.prompts import PromptFileError, PromptJob, job_from_mapping, read_prompt_file
+from ldm.loading import LoadError, load_config, resolve_config
+from ldm.pipeline.errors import UsageError
+from ldm.pipeline.metadata import read_metadata_file
+from ldm.pipeline.model_info import model_defaults
+from ldm.pipeline.request import Request, check_image_settings, check_seed, resolve_sampler, sampler_eta
 
 # The settings that must agree for images to share a batch (one sampler call).
 BATCH_KEYS = ("steps", "sampler", "scale", "eta", "H", "W")
@@ -36,6 +39,18 @@ class RunPlan:
     @property
     def images(self) -> list[PlannedImage]:
         return [image for batch in self.batches for image in batch]
+
+    def requests(self, prompt_weighting: bool) -> list[Request]:
+        """One pipeline request per batch."""
+        return [batch_request(batch, prompt_weighting) for batch in self.batches]
+
+
+def batch_request(batch: list[PlannedImage], prompt_weighting: bool) -> Request:
+    settings = batch[0].settings
+    return Request([image.prompt for image in batch], [image.negative_prompt for image in batch],
+                   seeds=[image.seed for image in batch], steps=settings["steps"], sampler=settings["sampler"],
+                   scale=settings["scale"], eta=settings["eta"], height=settings["H"], width=settings["W"],
+                   prompt_weighting=prompt_weighting)
 
 
 def apply_compat_flags(opt: argparse.Namespace) -> None:
@@ -172,103 +187,18 @@ def check_outdir(outdir: str) -> None:
         raise UsageError(f"--outdir {outdir}: {existing} is not writable for this user; pick another --outdir")
 
 
-SD_DEFAULTS = {"f": 8, "C": 4, "H": 512, "W": 512}  # the CompVis flag defaults, which every SD config agrees with
-SDXL_SIZE = 1024  # SDXL (generative-models) configs give no image_size; base and refiner were trained at 1024
-SDXL_TURBO_SIZE = 512  # SDXL Turbo shares the base config but was trained at 512; its files say "turbo" in the name
-
-
 def fill_model_defaults(opt: argparse.Namespace, config: Any | None) -> None:
-    """--f, --C, --H and --W that were not given: the model's own (f, latent channels, image_size x f; SDXL 1024,
-    SDXL Turbo 512)."""
-    values = dict(SD_DEFAULTS)
-    if config is not None:
-        try:
-            f, channels, _ = model_geometry(config)
-            default = SD_DEFAULTS["H"] // f
-            if "network_config" in config.model.params:
-                turbo = "turbo" in Path(getattr(opt, "ckpt", "") or "").name.lower()
-                default = (SDXL_TURBO_SIZE if turbo else SDXL_SIZE) // f
-            size = int(config.model.params.get("image_size", default)) * f
-            values = {"f": f, "C": channels, "H": size, "W": size}
-        except (AttributeError, KeyError, TypeError, ValueError):  # another kind of config: CompVis defaults
-            pass
-    for flag, value in values.items():
+    """--f, --C, --H and --W that were not given: the model's own (see `model_defaults`)."""
+    for flag, value in model_defaults(config, getattr(opt, "ckpt", None)).items():
         if getattr(opt, flag) is None:
             setattr(opt, flag, value)
 
 
-def model_geometry(config: Any) -> tuple[int, int, int]:
-    """(autoencoder factor f, latent channels, UNet downsampling factor) from a model config (OmegaConf)."""
-    params = config.model.params
-    ddconfig = params.first_stage_config.params.ddconfig
-    f = 2 ** (len(ddconfig.ch_mult) - 1)
-    unet = params.unet_config if "unet_config" in params else params.network_config  # SDXL's name for it
-    # the latents are what the UNet predicts: inpainting UNets take more channels in (mask, masked image)
-    channels = int(unet.params.get("out_channels", unet.params.get("in_channels", params.get("channels", 4))))
-    unet_factor = 2 ** (len(unet.params.channel_mult) - 1)
-    return f, channels, unet_factor
-
-
-def builds_model_class(config: Any, name: str) -> bool:
-    """Whether the config's model.target is a class called `name`."""
+def peek_config(opt: argparse.Namespace) -> Any | None:
+    """The model's config when the checkpoint can be read already; problems are reported in their turn later."""
+    if not os.path.isfile(opt.ckpt):
+        return None
     try:
-        return str(config.model.target).rpartition(".")[2] == name
-    except AttributeError:
-        return False
-
-
-def is_inpainting_config(config: Any) -> bool:
-    """Whether the config builds an inpainting model (`LatentInpaintDiffusion`: the UNet also takes the mask and the
-    masked image's latents)."""
-    return builds_model_class(config, "LatentInpaintDiffusion")
-
-
-def is_upscaler_config(config: Any) -> bool:
-    """Whether the config builds Stability's x4 upscaler (`LatentUpscaleDiffusion`: the UNet also takes the
-    low-resolution image and its noise level)."""
-    return builds_model_class(config, "LatentUpscaleDiffusion")
-
-
-def refuse_upscaler(config: Any, ckpt: str) -> None:
-    """UsageError naming scripts/upscale.py when `config` is the x4 upscaler's (other scripts cannot run it)."""
-    if is_upscaler_config(config):
-        raise UsageError(f"{ckpt} is the x4 upscaler (its UNet also takes a low-resolution image and a noise "
-                         f"level): use scripts/upscale.py --init-img IMAGE")
-
-
-def ddim_steps_fit(steps: int, timesteps: int) -> bool:
-    """Whether DDIM/PLMS's uniform timesteps for `steps` stay inside the model's (CompVis's +1 shift can overshoot)."""
-    from ldm.models.diffusion.ddim import make_ddim_timesteps
-
-    return max(make_ddim_timesteps("uniform", steps, timesteps)) < timesteps
-
-
-def check_steps(plan: RunPlan, timesteps: int) -> None:
-    for image in plan.images:
-        steps, sampler = image.settings["steps"], image.settings["sampler"]
-        if sampler in ("ddim", "plms") and not ddim_steps_fit(steps, timesteps):
-            fits = [n for n in range(max(1, steps - 20), min(timesteps, steps + 20) + 1) if ddim_steps_fit(n, timesteps)]
-            nearest = min(fits, key=lambda n: (abs(n - steps), n)) if fits else 50
-            raise UsageError(f"{sampler} cannot take {steps} steps on this {timesteps}-step model (its uniform "
-                             f"timesteps, shifted by one as in CompVis, would end past the last): try {nearest}")
-
-
-def check_against_model(opt: argparse.Namespace, plan: RunPlan, config: Any) -> None:
-    """--f and --C must be the model's; every size must pass through the UNet's downsampling and back; DDIM/PLMS
-    step counts must fit the model's timesteps."""
-    check_steps(plan, int(config.model.params.get("timesteps", 1000)))
-    try:
-        f, channels, unet_factor = model_geometry(config)
-    except (AttributeError, KeyError, TypeError):  # a config of another shape: leave the checks to the model
-        return
-    if opt.f != f:
-        raise UsageError(f"--f {opt.f} does not match this model, whose autoencoder downsamples by {f}: pass --f {f}")
-    if opt.C != channels:
-        raise UsageError(f"--C {opt.C} does not match this model's {channels} latent channels: pass --C {channels}")
-    multiple = f * unet_factor
-    for image in plan.images:
-        for name in ("H", "W"):
-            value = image.settings[name]
-            if value % multiple:
-                raise UsageError(f"{name} {value} does not fit this model: sizes must be multiples of {multiple} "
-                                 f"(autoencoder {f}x, UNet {unet_factor}x): try {nearest_multiples(value, multiple)}")
+        return load_config(resolve_config(opt.ckpt, opt.config, opt.v_prediction or None))
+    except LoadError:
+        return None

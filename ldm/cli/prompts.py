@@ -14,24 +14,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from ldm.pipeline.metadata import INFO_KEYS, PromptFileError, checked_info
+
 # Per-prompt settings a line may override, with the type each must have.
 OVERRIDE_TYPES: dict[str, tuple[type, ...]] = {
     "negative_prompt": (str,), "seed": (int,), "scale": (int, float), "steps": (int,), "H": (int,), "W": (int,),
     "sampler": (str,), "eta": (int, float),
 }
-# Keys sidecars carry that say which model made the image: kept for a warning, not settings.
-INFO_KEYS = ("model", "model_hash", "vae", "lora", "embeddings", "file", "strength", "init_image", "init_image_hash",
-             "refiner", "refiner_switch", "prompt_weighting", "mask", "mask_hash", "controlnet", "controlnet_hash",
-             "control_image", "control_image_hash", "control_scale", "noise_level")
-
-INFO_NUMBERS = ("strength", "refiner_switch", "control_scale", "noise_level")  # the other INFO_KEYS are text
-INFO_FLAGS = ("prompt_weighting",)
-
-
-class PromptFileError(ValueError):
-    """A prompt file that cannot be used; the message names the file (and line) and what is wrong."""
-
-
 @dataclass
 class PromptJob:
     """One prompt with the settings it overrides; `source` says where it came from, for messages."""
@@ -64,28 +53,6 @@ def job_from_mapping(mapping: Mapping[str, Any], source: str, allow_empty: bool 
             raise PromptFileError(f"{source}: {key} must be a finite number, got {value!r}")
         overrides[key] = value
     return PromptJob(prompt=prompt, overrides=overrides, info=checked_info(mapping, source), source=source)
-
-
-def checked_info(mapping: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """The INFO_KEYS entries of `mapping` that are not None, type-checked: numbers, true/false flags, and text (a
-    number where text belongs, as yaml reads a model named 1234, becomes that text); PromptFileError otherwise."""
-    info = {}
-    for key in INFO_KEYS:
-        value = mapping.get(key)
-        if value is None:
-            continue
-        if key in INFO_FLAGS:
-            valid, wanted = isinstance(value, bool), "true or false"
-        elif key in INFO_NUMBERS:
-            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            wanted = "a finite number"
-        else:
-            valid, wanted = isinstance(value, (str, int, float)) and not isinstance(value, bool), "text"
-            value = str(value) if valid else value
-        if not valid:
-            raise PromptFileError(f"{source}: {key} must be {wanted}, got {value!r}")
-        info[key] = value
-    return info
 
 
 def _read_text(path: Path) -> str:

@@ -2,18 +2,21 @@
 to use when a run does not fit."""
 from __future__ import annotations
 
-import argparse
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
-from ldm.cli.arguments import UsageError
-from ldm.cli.summary import format_bytes as gib
+from ldm.pipeline.errors import UsageError
 
 # Checkpoint key prefixes of the parts that `--offload model` moves one at a time (SDXL names its text encoders
 # `conditioner`).
 PARTS = {"unet": ("model.diffusion_model.",), "autoencoder": ("first_stage_model.",),
          "text encoder": ("cond_stage_model.", "conditioner.")}
+
+
+def gib(size: float) -> str:
+    """A size in bytes for people: "1.50 GiB", "12 MiB"."""
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
 def weight_bytes_by_part(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, int]:
@@ -50,17 +53,16 @@ def check_weights_fit(part_bytes: Mapping[str, int], free: int, total: int, offl
                          f"GPU at once but {where}: use --offload sequential{half_hint}")
 
 
-def out_of_memory_advice(opt: argparse.Namespace, stage: str, device: torch.device, dtype: torch.dtype,
-                         size: str) -> str:
+def out_of_memory_advice(options: Any, stage: str, device: torch.device, dtype: torch.dtype, size: str) -> str:
     """The one line for a single image that still does not fit: the memory flags not yet used, most useful first."""
     flags = []
     if stage == "decoding":
-        flags += [] if opt.vae_tiling else ["--vae_tiling"]
+        flags += [] if options.vae_tiling else ["--vae_tiling"]
     else:
-        flags += [] if opt.attention_slicing else ["--attention_slicing"]
-    if opt.offload is None:
+        flags += [] if options.attention_slicing else ["--attention_slicing"]
+    if options.offload is None:
         flags.append("--offload model")
-    if opt.offload != "sequential":
+    if options.offload != "sequential":
         flags.append("--offload sequential")
     if dtype == torch.float32:
         flags.append("--bf16" if device.type == "cpu" else "--precision autocast (fp16)")

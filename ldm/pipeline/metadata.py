@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import numpy as np
@@ -24,6 +25,20 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_SIDECAR_BYTES = 16 << 20  # a sidecar of one image is a few hundred bytes
 NEGATIVE_PREFIX = "Negative prompt: "
 
+# Keys sidecars carry that say which model made the image: kept for a warning, not settings.
+INFO_KEYS = ("model", "model_hash", "vae", "lora", "embeddings", "file", "strength", "init_image", "init_image_hash",
+             "refiner", "refiner_switch", "prompt_weighting", "mask", "mask_hash", "controlnet", "controlnet_hash",
+             "control_image", "control_image_hash", "control_scale", "noise_level")
+
+INFO_NUMBERS = ("strength", "refiner_switch", "control_scale", "noise_level")  # the other INFO_KEYS are text
+INFO_FLAGS = ("prompt_weighting",)
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message names the file (and line) and what is wrong."""
+
+
+
 # Names other tools print, keyed by the sampler name squeezed to lowercase letters and digits.
 _DISPLAY_NAMES = {
     "ddim": "DDIM", "plms": "PLMS", "dpmsolver": "DPM-Solver", "euler": "Euler", "eulera": "Euler a",
@@ -32,6 +47,28 @@ _DISPLAY_NAMES = {
     "dpmppsde": "DPM++ SDE", "dpmpp2msde": "DPM++ 2M SDE", "unipc": "UniPC",
 }
 _SCHEDULE_SUFFIXES = {"karras": "Karras", "exponential": "Exponential"}
+
+
+def checked_info(mapping: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The INFO_KEYS entries of `mapping` that are not None, type-checked: numbers, true/false flags, and text (a
+    number where text belongs, as yaml reads a model named 1234, becomes that text); PromptFileError otherwise."""
+    info = {}
+    for key in INFO_KEYS:
+        value = mapping.get(key)
+        if value is None:
+            continue
+        if key in INFO_FLAGS:
+            valid, wanted = isinstance(value, bool), "true or false"
+        elif key in INFO_NUMBERS:
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            wanted = "a finite number"
+        else:
+            valid, wanted = isinstance(value, (str, int, float)) and not isinstance(value, bool), "text"
+            value = str(value) if valid else value
+        if not valid:
+            raise PromptFileError(f"{source}: {key} must be {wanted}, got {value!r}")
+        info[key] = value
+    return info
 
 
 def squeeze_name(name: str) -> str:
@@ -48,9 +85,21 @@ def sampler_display_name(name: str) -> str:
     return _DISPLAY_NAMES.get(squeezed, name)
 
 
+@dataclass(frozen=True)
+class ExtraField:
+    """A setting an add-on records beside the base ones: its sidecar key and value, and its "parameters" label and
+    text (not printed when `text` is empty)."""
+
+    key: str
+    value: Any
+    label: str = ""
+    text: str = ""
+
+
 @dataclass
 class ImageRecord:
-    """Everything that decides an image's pixels (with the model), plus the model's identity."""
+    """Everything that decides an image's pixels (with the model), plus the model's identity; `extras` are what the
+    add-ons (init image, mask, ControlNet, refiner, ...) record, in their order."""
 
     prompt: str
     negative_prompt: str
@@ -67,23 +116,20 @@ class ImageRecord:
     lora: str | None = None  # "name:weight, ..." of the LoRA files merged into the model
     embeddings: str | None = None  # "name: hash, ..." of the textual-inversion embeddings the prompts use
     prompt_weighting: bool = False  # prompts read with A1111's weights and chunks (--prompt_weighting)
+    extras: tuple[ExtraField, ...] = ()
 
     def to_mapping(self) -> dict[str, Any]:
-        mapping = asdict(self)
+        mapping = {field.name: getattr(self, field.name) for field in fields(self) if field.name != "extras"}
         if not self.prompt_weighting:  # plain reading (CompVis'): sidecars stay as they were before the flag
             del mapping["prompt_weighting"]
         if self.embeddings is None:  # likewise without --embeddings
             del mapping["embeddings"]
+        mapping.update((extra.key, extra.value) for extra in self.extras)
         return mapping
 
     def extra_parameters(self) -> list[tuple[str, str]]:
-        """(key, value) pairs a subclass adds at the end of the "parameters" text (img2img: its strength)."""
-        return []
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "ImageRecord":
-        known = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in mapping.items() if key in known})
+        """(label, text) pairs the add-ons add at the end of the "parameters" text (img2img: its strength)."""
+        return [(extra.label, extra.text) for extra in self.extras if extra.text]
 
 
 def _number(value: float) -> str:
@@ -186,8 +232,6 @@ def sidecar_text(data: Mapping[str, Any]) -> str:
 
 def read_metadata_file(path: str) -> dict[str, Any]:
     """Fields from a sidecar `.yaml` or from a PNG's "parameters" chunk; ValueError with a message otherwise."""
-    from ldm.cli.prompts import checked_info
-
     try:
         with open(path, "rb") as handle:
             data = handle.read(len(PNG_SIGNATURE))

@@ -6,13 +6,16 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from ldm.cli.images import to_uint8
+from ldm.pipeline.errors import GenerationError
 
 Item = TypeVar("Item")
+Out = TypeVar("Out")
 
 
-class GenerationError(Exception):
-    """Generation failed in a way the user can act on; the message says how (exit status 1)."""
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoded images [B, 3, H, W] in [-1, 1] to uint8 [B, H, W, 3], truncating 255 * x as the CompVis script does."""
+    unit = torch.nan_to_num(torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0), nan=0.0)
+    return (255.0 * unit.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -30,16 +33,17 @@ def free_accelerator_memory(device: torch.device) -> None:
         empty_cache()
 
 
-def run_in_sub_batches(run: Callable[[list[Item]], np.ndarray], items: Sequence[Item],
-                       on_retry: Callable[[int, int], None], on_exhausted: Callable[[], str]) -> np.ndarray:
-    """`run(items)`, or on out-of-memory the concatenation of runs on halves, down to single items.
+def run_in_sub_batches(run: Callable[[list[Item]], Out], items: Sequence[Item], on_retry: Callable[[int, int], None],
+                       on_exhausted: Callable[[], str]) -> list[Out]:
+    """[`run(items)`], or on out-of-memory the outputs of runs on halves, down to single items, in order.
 
-    The images stay the same (up to float rounding) because every image has its own noise stream. `on_retry(size, half)` reports a split; when even one item
-    does not fit, GenerationError carries `on_exhausted()`, the advice on which flags help.
+    The images stay the same (up to float rounding) because every image has its own noise stream. `on_retry(size,
+    half)` reports a split; when even one item does not fit, GenerationError carries `on_exhausted()`, the advice on
+    which flags help.
     """
     items = list(items)
     try:
-        return run(items)
+        return [run(items)]
     except Exception as error:  # noqa: BLE001 - anything but out-of-memory is re-raised unchanged
         if not is_out_of_memory(error):
             raise
@@ -48,8 +52,8 @@ def run_in_sub_batches(run: Callable[[list[Item]], np.ndarray], items: Sequence[
         raise GenerationError(on_exhausted())
     half = (len(items) + 1) // 2
     on_retry(len(items), half)
-    first = run_in_sub_batches(run, items[:half], on_retry, on_exhausted)
-    return np.concatenate([first, run_in_sub_batches(run, items[half:], on_retry, on_exhausted)])
+    return (run_in_sub_batches(run, items[:half], on_retry, on_exhausted)
+            + run_in_sub_batches(run, items[half:], on_retry, on_exhausted))
 
 
 def first_stage_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -1,0 +1,350 @@
+"""`Pipeline`: a model loaded once with its add-ons, turning each `Request` into images and their metadata.
+
+    pipeline = Pipeline.from_checkpoint("sd-v1-5.safetensors", device="cuda", precision="fp16")
+    result = pipeline(Request("a photograph of an astronaut riding a horse", seed=42, steps=30, sampler="euler_a"))
+    result.images[0].save("astronaut.png")
+
+Everything that can be checked without the weights is checked first (`Pipeline.check` returns the `Setup`), then
+`Pipeline.load(setup)` reads them; `from_checkpoint` does both. A call encodes the prompts, samples (or lets a
+sampling add-on sample), guards against NaN, decodes, and splits the batch in halves when memory runs out.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ldm import optimize
+from ldm.checkpoints import CheckpointError, model_hash, read_shapes
+from ldm.devices import accelerator_memory, choose_device, choose_dtype
+from ldm.loading import LoadError, check_loadable, load_config, load_model, resolve_config
+from ldm.models.diffusion.noise import ImageNoise
+from ldm.models.diffusion.samplers import sample
+from ldm.modules.encoders.prompt_weighting import weighted_conditioning
+from ldm.pipeline.addons.base import AddOn, SampleCall
+from ldm.pipeline.decoding import decode_to_pixels, free_accelerator_memory, run_in_sub_batches
+from ldm.pipeline.errors import UsageError
+from ldm.pipeline.memory import check_weights_fit, out_of_memory_advice, weight_bytes_by_part
+from ldm.pipeline.metadata import ExtraField, ImageRecord
+from ldm.pipeline.model_info import check_against_model, model_defaults, refuse_inpainting, refuse_upscaler
+from ldm.pipeline.request import Request
+
+Report = Callable[[str], None]
+OFFLOAD_MODES = ("model", "sequential")
+
+
+def _ignore(message: str) -> None:
+    """The default `note` and `info`: the library prints nothing (the scripts pass `print`)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """How the model is loaded and run: weights (`use_ema`, `v_prediction`, `vae`), memory modes (`offload`
+    "model" | "sequential", `attention_slicing`, `vae_tiling`, `vae_slicing`), speed (`compile`, `cuda_graphs`), and
+    whether records carry file hashes (`hash_files`, hashed in a background thread)."""
+
+    use_ema: bool | None = None
+    v_prediction: bool | None = None
+    vae: str | None = None
+    offload: str | None = None
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
+    hash_files: bool = True
+
+    def __post_init__(self) -> None:
+        if self.offload not in (None, *OFFLOAD_MODES):
+            raise UsageError(f"offload {self.offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+
+
+@dataclass
+class Setup:
+    """A checked pipeline that is not loaded yet: the checkpoint, its config, the device and dtype, the add-ons."""
+
+    ckpt: str
+    config_path: Path
+    config: Any
+    device: torch.device
+    dtype: torch.dtype
+    options: Options
+    addons: list[AddOn]
+    note: Report = _ignore
+    info: Report = _ignore
+    skeleton: torch.nn.Module | None = None  # the model with its parameters on the meta device, to check add-ons
+
+
+@dataclass
+class Result:
+    """What one call made: uint8 `pixels` [B, H, W, 3] (`images` as PIL), the `latents` [B, C, h, w] they were
+    decoded from, one `records` entry per image, and where the time went."""
+
+    pixels: np.ndarray
+    latents: torch.Tensor
+    records: list[ImageRecord]
+    steps: int = 0
+    sampling_seconds: float = 0.0
+    decoding_seconds: float = 0.0
+
+    @property
+    def images(self) -> list[Any]:
+        from PIL import Image
+
+        return [Image.fromarray(pixels) for pixels in self.pixels]
+
+    @classmethod
+    def join(cls, parts: Sequence["Result"]) -> "Result":
+        """The parts of a batch made in sub-batches, as one result."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(np.concatenate([part.pixels for part in parts]), torch.cat([part.latents for part in parts]),
+                   [record for part in parts for record in part.records], sum(part.steps for part in parts),
+                   sum(part.sampling_seconds for part in parts), sum(part.decoding_seconds for part in parts))
+
+
+def _sampling_addon(addons: Sequence[AddOn]) -> AddOn | None:
+    sampling = [addon for addon in addons if addon.samples]
+    if len(sampling) > 1:
+        names = " and ".join(type(addon).__name__ for addon in sampling)
+        raise UsageError(f"{names} each decide how the latents are made: use one of them")
+    return sampling[0] if sampling else None
+
+
+class Pipeline:
+    """A loaded model and its add-ons; call it with a `Request`."""
+
+    def __init__(self, setup: Setup, model: torch.nn.Module, load_seconds: dict[str, float]):
+        self.setup, self.model, self.load_seconds = setup, model, load_seconds
+        self.models = [model]  # every model whose text encoders read the prompts (a refiner adds its own)
+        self.options, self.device, self.dtype = setup.options, setup.device, setup.dtype
+        self.addons = setup.addons
+        self.sampling_addon = _sampling_addon(self.addons)
+        self.note, self.info = setup.note, setup.info
+        self.defaults = model_defaults(setup.config, setup.ckpt)
+        self.model_name = Path(setup.ckpt).stem
+        self.stage = "sampling"  # or "decoding": what ran out of memory, for the advice
+        self._hashing: Future | None = None
+
+    # --- making one ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str, config: str | None = None, device: str | None = None,
+                        precision: str | None = None, *, addons: Sequence[AddOn] = (), note: Report = _ignore,
+                        info: Report = _ignore, **options: Any) -> "Pipeline":
+        """Check, then load: `options` are `Options` fields (offload="model", vae_tiling=True, ...)."""
+        return cls.load(cls.check(path, config, device, precision, addons=addons, note=note, info=info,
+                                  options=Options(**options)))
+
+    @classmethod
+    def check(cls, ckpt: str, config: str | None = None, device: str | None = None, precision: str | None = None,
+              *, addons: Sequence[AddOn] = (), requests: Sequence[Request] = (), options: Options = Options(),
+              note: Report = _ignore, info: Report = _ignore) -> Setup:
+        """Everything that can go wrong before the weights are read, checked: UsageError (one line) otherwise."""
+        try:
+            chosen = choose_device(device)
+            dtype, precision_note = choose_dtype(precision or "autocast", chosen)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if precision_note and precision is not None:
+            note(precision_note)
+        config_path = resolve_config(ckpt, config, options.v_prediction)
+        setup = Setup(str(ckpt), config_path, load_config(config_path), chosen, dtype, options, list(addons), note,
+                      info)
+        sampling = _sampling_addon(setup.addons)
+        if sampling is not None:
+            sampling.check_model_kind(setup.config, setup.ckpt)
+        else:
+            refuse_upscaler(setup.config, setup.ckpt)
+            refuse_inpainting(setup.config, setup.ckpt)
+        # the checkpoint (with the vae) must load with its config: checked on shapes only, nothing read
+        setup.skeleton = check_loadable(ckpt, config_path, use_ema=options.use_ema,
+                                        v_prediction=options.v_prediction, vae=options.vae)
+        check_against_model(requests, setup.config)
+        for addon in setup.addons:
+            addon.check(setup, requests)
+        _check_speed_options(setup)
+        _check_memory(setup)
+        return setup
+
+    @classmethod
+    def load(cls, setup: Setup) -> "Pipeline":
+        """Read the weights, apply the add-ons and the speed and memory options."""
+        options, device = setup.options, setup.device
+        offload = options.offload if device.type != "cpu" else None
+        if options.offload and offload is None:
+            setup.note("--offload has no effect on the CPU: the weights already live in CPU memory")
+        setup.info(f"Loading model from {setup.ckpt} (config {setup.config_path})")
+        timings: dict[str, float] = {}
+        model = load_model(setup.ckpt, setup.config_path, device="cpu" if offload else device, dtype=setup.dtype,
+                           use_ema=options.use_ema, v_prediction=options.v_prediction, vae=options.vae,
+                           timings=timings)
+        pipeline = cls(setup, model, timings)
+        for addon in setup.addons:
+            addon.change_weights(pipeline)
+        pipeline._apply_speed_and_memory_options(offload)
+        for addon in sorted(setup.addons, key=lambda addon: addon.load_order):
+            addon.load(pipeline)
+        if options.hash_files:  # hashed beside the sampling (hashlib releases the GIL); the first record waits
+            executor = ThreadPoolExecutor(1, thread_name_prefix="model-hash")
+            pipeline._hashing = executor.submit(model_hash, setup.ckpt)
+            executor.shutdown(wait=False)
+        return pipeline
+
+    def _apply_speed_and_memory_options(self, offload: str | None) -> None:
+        options, model = self.options, self.model
+        # fused projections, and on the CPU oneDNN kernels and channels-last: same results to float rounding
+        optimize.apply_fast_paths(model, self.device)
+        if options.attention_slicing:
+            optimize.enable_attention_slicing(model)
+        if options.vae_tiling:
+            optimize.enable_vae_tiling(model)
+        if options.vae_slicing:
+            optimize.enable_vae_slicing(model)
+        if offload == "model":
+            optimize.enable_model_offload(model, self.device)
+        elif offload == "sequential":
+            optimize.enable_sequential_offload(model, self.device)
+        if options.compile:
+            optimize.compile_model(model)
+        if options.cuda_graphs:
+            optimize.enable_graphs(model)
+
+    @property
+    def model_hash(self) -> str:
+        """The checkpoint's hash for the metadata ("" without `hash_files`), once the background hashing is done."""
+        return self._hashing.result() if self._hashing is not None else ""
+
+    # --- generating ------------------------------------------------------------------------------------------------
+    def complete(self, request: Request) -> Request:
+        """`request` with the model's own size where it gives none, checked against the model."""
+        if request.height is None or request.width is None:
+            request = request.replace(height=request.height or self.defaults["H"],
+                                      width=request.width or self.defaults["W"])
+        check_against_model([request], self.setup.config)
+        return request
+
+    def __call__(self, request: Request) -> Result:
+        """The images of `request`; a batch that runs out of memory is made again in halves (same pixels)."""
+        request = self.complete(request)
+        height, width = request.size
+
+        def run(indices: list[int]) -> Result:
+            return self.render(request if len(indices) == request.batch_size else request.subset(indices))
+
+        def on_retry(size_now: int, half: int) -> None:
+            free_accelerator_memory(self.device)
+            self.note(f"out of memory with a batch of {size_now}: retrying in sub-batches of {half}")
+
+        def on_exhausted() -> str:
+            return out_of_memory_advice(self.options, self.stage, self.device, self.dtype, f"{width}x{height}")
+
+        return Result.join(run_in_sub_batches(run, list(range(request.batch_size)), on_retry, on_exhausted))
+
+    def render(self, request: Request, warm_up: bool = False) -> Result:
+        """The images of a completed `request`, in one batch; with `warm_up`, one DDIM step of the UNet only."""
+        addon = self.sampling_addon
+        sampler, steps, eta = (("ddim", addon.warm_up_steps() if addon else 1, 0.0) if warm_up
+                               else (request.sampler, request.steps, request.eta))
+        start = time.perf_counter()
+        self.stage = "sampling"
+        with torch.no_grad():
+            cond, uncond = self.conditioning(request)
+            latents, steps = self.sample_latents(SampleCall(request, cond, uncond, sampler, steps, eta, warm_up))
+            torch.isfinite(latents).all().item()  # waits for the device, so the time below is the sampling time
+            sampled = time.perf_counter()
+            self.stage = "decoding"
+            pixels = decode_to_pixels(self.model, latents, self.note)
+        records = [] if warm_up else [self.record(request, index) for index in range(request.batch_size)]
+        return Result(pixels, latents, records, steps, sampled - start, time.perf_counter() - sampled)
+
+    def conditioning(self, request: Request, model: Any = None) -> tuple[Any, Any]:
+        """(prompts, negative prompts) conditioning of `model` (default: the pipeline's); no negative half without
+        guidance. SDXL models also take the image size (their size conditioning) and make an empty negative prompt
+        zeros, as diffusers does."""
+        model = self.model if model is None else model
+        prompts, negatives = list(request.prompts), list(request.negative_prompts)
+        guided = request.scale != 1.0
+        size = {"original_size": request.size, "target_size": request.size}
+        sdxl = hasattr(model, "get_unconditional_conditioning")
+        if request.prompt_weighting:
+            return weighted_conditioning(model, prompts, negatives if guided else None, **(size if sdxl else {}))
+        if not sdxl:
+            uncond = model.get_learned_conditioning(negatives) if guided else None
+            return model.get_learned_conditioning(prompts), uncond
+        uncond = model.get_unconditional_conditioning(negatives, **size) if guided else None
+        return model.get_learned_conditioning(prompts, **size), uncond
+
+    def sample_latents(self, call: SampleCall) -> tuple[torch.Tensor, int]:
+        """The batch's latents (by the sampling add-on, or from noise), and the sampler steps that ran."""
+        for addon in self.addons:
+            addon.before_sampling(self, call.request)
+        if self.sampling_addon is not None:
+            made = self.sampling_addon.sample(self, call)
+            if made is not None:
+                return made
+        request = call.request
+        latents = sample(self.model, call.sampler, call.steps, self.latent_shape(request), call.cond, call.uncond,
+                         request.scale, ImageNoise(request.seeds), eta=call.eta)
+        return latents, call.steps
+
+    def latent_shape(self, request: Request) -> tuple[int, int, int, int]:
+        """[B, C, h, w] of a completed request's latents."""
+        height, width = request.size
+        f = self.defaults["f"]
+        return request.batch_size, self.defaults["C"], height // f, width // f
+
+    def record(self, request: Request, index: int) -> ImageRecord:
+        """The metadata of image `index` of `request`: its settings, the model's identity, the add-ons' fields."""
+        height, width = request.size
+        fields: dict[str, Any] = {"model": self.model_name, "model_hash": self.model_hash,
+                                  "vae": Path(self.options.vae).name if self.options.vae else None,
+                                  "prompt_weighting": request.prompt_weighting}
+        extras: list[ExtraField] = []
+        for addon in self.addons:
+            contributed = dict(addon.record(request, index))
+            extras.extend(contributed.pop("extras", ()))
+            fields.update(contributed)
+        return ImageRecord(prompt=request.prompts[index], negative_prompt=request.negative_prompts[index],
+                           steps=request.steps, sampler=request.sampler, scale=request.scale,
+                           seed=request.seeds[index], H=height, W=width, eta=request.eta, extras=tuple(extras),
+                           **fields)
+
+    def warm_up(self, requests: Sequence[Request]) -> float:
+        """With compile or CUDA graphs, compile/capture once per batch shape of `requests` (one sampler step and a
+        decode each); returns the seconds it took (0 when neither option is on)."""
+        if not (self.options.compile or self.options.cuda_graphs):
+            return 0.0
+        start = time.perf_counter()
+        shapes: dict[tuple, Request] = {}
+        for request in map(self.complete, requests):
+            shapes.setdefault((request.batch_size, *request.size, request.scale != 1.0), request)
+        for request in shapes.values():
+            self.render(request, warm_up=True)
+        return time.perf_counter() - start
+
+
+def _check_speed_options(setup: Setup) -> None:
+    options = setup.options
+    if options.cuda_graphs and setup.device.type != "cuda":
+        raise UsageError(f"--cuda_graphs needs a CUDA GPU (the device is {setup.device}): leave it out")
+    if options.cuda_graphs and options.offload:
+        raise UsageError(f"--cuda_graphs replays the UNet with its weights in place, which --offload "
+                         f"{options.offload} moves: use one of them")
+
+
+def _check_memory(setup: Setup) -> None:
+    """On a GPU, refuse before loading when the weights alone cannot fit, naming the flag that makes them fit."""
+    memory = accelerator_memory(setup.device)
+    if memory is None:
+        return
+    try:
+        shapes = read_shapes(setup.ckpt)
+    except (CheckpointError, LoadError):
+        return  # the loader reports an unreadable file in its own words
+    check_weights_fit(weight_bytes_by_part(shapes, setup.dtype), *memory, setup.options.offload, setup.device,
+                      setup.dtype)
