@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
+from ldm.modules.encoders.prompt_weighting import has_weighting_syntax, parse_prompt_attention
 from ldm.pipeline.metadata import INFO_KEYS, PromptFileError, checked_info
 
 # Per-prompt settings a line may override, with the type each must have.
@@ -122,8 +124,6 @@ def truncation_notes(prompts: list[str], context_length: int = 77, tokenizer: An
     """One line per distinct prompt longer than the text encoder reads (context_length - 2 tokens: start and end
     take two), naming the words it drops, as the model would otherwise ignore them silently. `tokenizer`: one that
     knows the run's embeddings (default: plain CLIP)."""
-    from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
-
     tokenizer, room, notes = tokenizer or CLIPTokenizer(), context_length - 2, []
     for prompt in dict.fromkeys(prompts):
         ids = tokenizer.encode(prompt)
@@ -136,8 +136,6 @@ def truncation_notes(prompts: list[str], context_length: int = 77, tokenizer: An
 def weighting_notes(prompts: list[str], weighting: bool) -> list[str]:
     """With --prompt_weighting, none, after checking that every prompt can be read with weights (ValueError naming
     the first that cannot); without, one note for the run if a prompt uses A1111's weighting syntax."""
-    from ldm.modules.encoders.prompt_weighting import has_weighting_syntax, parse_prompt_attention
-
     if weighting:
         for prompt in dict.fromkeys(prompts):
             for text, weight in parse_prompt_attention(prompt):

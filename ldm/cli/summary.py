@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ldm.pipeline.memory import gib
+
 
 def peak_memory_bytes(device: torch.device) -> tuple[int | None, str]:
     """Peak memory and what it measures: the accelerator's allocator peak, or the process's max RSS on the CPU."""
@@ -20,10 +22,6 @@ def peak_memory_bytes(device: torch.device) -> tuple[int | None, str]:
         return None, "unknown"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss * (1 if sys.platform == "darwin" else 1024), "process max RSS"  # Linux reports KiB, macOS bytes
-
-
-def format_bytes(size: float) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
 @dataclass
@@ -60,6 +58,6 @@ class RunSummary:
             lines.append(f"sampling: {self.images} images in {self.sampling_seconds:.2f} s, {per_image:.2f} s/image, "
                          f"{rate:.2f} it/s; decoding {self.decoding_seconds:.2f} s")
         peak, what = peak_memory_bytes(self.device)
-        lines.append(f"peak memory: {format_bytes(peak)} ({what})" if peak is not None else "peak memory: unknown")
+        lines.append(f"peak memory: {gib(peak)} ({what})" if peak is not None else "peak memory: unknown")
         lines.append(f"total: {total:.2f} s")
         return lines

@@ -22,6 +22,7 @@ from ldm.cli.outputs import (GRID_DIGITS, SAMPLE_DIGITS, next_grid_number, next_
 from ldm.cli.plan import (RunPlan, apply_compat_flags, check_files, fill_model_defaults, peek_config, plan_batches,
                           read_jobs)
 from ldm.cli.prompts import PromptFileError, truncation_notes, weighting_notes
+from ldm.cli.safety import SafetyChecker
 from ldm.cli.summary import RunSummary
 from ldm.loading import LoadError
 from ldm.pipeline import AddOn, ControlNet, Embeddings, Loras, Options, Pipeline, Refiner
@@ -128,7 +129,6 @@ class Shell:
     def make_safety_checker(self) -> Any:
         if not self.opt.safety_checker:
             return None
-        from ldm.cli.safety import SafetyChecker  # needs the optional transformers/diffusers
         try:
             return SafetyChecker(self.opt.safety_checker)
         except (OSError, ValueError) as error:

@@ -20,6 +20,8 @@ import yaml
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldm.models.diffusion.samplers import sampler_display_name
+
 PARAMETERS_KEY = "parameters"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_SIDECAR_BYTES = 16 << 20  # a sidecar of one image is a few hundred bytes
@@ -37,16 +39,6 @@ INFO_FLAGS = ("prompt_weighting",)
 class PromptFileError(ValueError):
     """A prompt file that cannot be used; the message names the file (and line) and what is wrong."""
 
-
-
-# Names other tools print, keyed by the sampler name squeezed to lowercase letters and digits.
-_DISPLAY_NAMES = {
-    "ddim": "DDIM", "plms": "PLMS", "dpmsolver": "DPM-Solver", "euler": "Euler", "eulera": "Euler a",
-    "eulerancestral": "Euler a", "heun": "Heun", "dpm2": "DPM2", "dpm2a": "DPM2 a", "dpm2ancestral": "DPM2 a",
-    "lms": "LMS", "dpmpp2sa": "DPM++ 2S a", "dpmpp2sancestral": "DPM++ 2S a", "dpmpp2m": "DPM++ 2M",
-    "dpmppsde": "DPM++ SDE", "dpmpp2msde": "DPM++ 2M SDE", "unipc": "UniPC",
-}
-_SCHEDULE_SUFFIXES = {"karras": "Karras", "exponential": "Exponential"}
 
 
 def checked_info(mapping: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -69,20 +61,6 @@ def checked_info(mapping: Mapping[str, Any], source: str) -> dict[str, Any]:
             raise PromptFileError(f"{source}: {key} must be {wanted}, got {value!r}")
         info[key] = value
     return info
-
-
-def squeeze_name(name: str) -> str:
-    """'DPM++ 2M Karras', 'dpmpp_2m_karras' and 'dpmpp-2m-karras' all become 'dpmpp2mkarras'."""
-    return re.sub(r"[^a-z0-9]", "", name.lower().replace("++", "pp"))
-
-
-def sampler_display_name(name: str) -> str:
-    """The name other tools print for sampler `name` ("euler_a" -> "Euler a"); unknown names pass through."""
-    squeezed = squeeze_name(name)
-    for suffix, label in _SCHEDULE_SUFFIXES.items():
-        if squeezed.endswith(suffix) and squeezed[: -len(suffix)] in _DISPLAY_NAMES:
-            return f"{_DISPLAY_NAMES[squeezed[: -len(suffix)]]} {label}"
-    return _DISPLAY_NAMES.get(squeezed, name)
 
 
 @dataclass(frozen=True)
