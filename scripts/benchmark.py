@@ -175,56 +175,37 @@ def run_load_benchmark(args: argparse.Namespace, files: dict[str, Path]) -> list
 
 # --- pipelines -------------------------------------------------------------------------------------------------------
 class OurPipeline:
-    """Prompt -> image with this project: load_model, fast paths (unless plain), DDIM, decode."""
+    """Prompt -> image with this project's `ldm.pipeline.Pipeline` (what the scripts run): one DDIM request with the
+    benchmark's seed, whose starting noise is the `x_T` every pipeline gets."""
 
-    def __init__(self, ckpt: str, config: str, device: torch.device, dtype: torch.dtype, variant: str):
-        from ldm.loading import load_model
-        from ldm.models.diffusion.ddim import DDIMSampler
-        from ldm import optimize
-        offloaded = variant in ("model offload", "sequential offload")  # weights stay on the CPU until used
-        self.model = load_model(ckpt, config, device="cpu" if offloaded else device, dtype=dtype)
-        self.applied = [] if variant == "plain" else optimize.apply_fast_paths(self.model, device)
+    def __init__(self, ckpt: str, config: str, device: torch.device, dtype: torch.dtype, variant: str, seed: int):
+        from ldm.pipeline import Pipeline
+
+        options = dict(hash_files=False, fast_paths=variant != "plain", compile=variant == "compile",
+                       cuda_graphs=variant == "cuda graphs", **MEMORY_MODES.get(variant, {}))
+        precision = {torch.float32: "full", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+        self.pipeline = Pipeline.from_checkpoint(ckpt, config, str(device), precision, **options)
+        self.seed = seed
+        self.applied = list(self.pipeline.applied)
         if variant == "compile":  # compile_model swaps the oneDNN layers back: inductor packs weights itself
-            compiled = optimize.compile_model(self.model)
-            self.applied = [name for name in self.applied if name != "oneDNN kernels"]
-            self.applied.append(f"torch.compile({', '.join(compiled)})")
-        elif variant == "cuda graphs":
-            optimize.enable_graphs(self.model)
-            self.applied.append("CUDA graphs")
-        elif variant in MEMORY_MODES:
-            apply_memory_mode(self.model, variant, device)
+            self.applied = [name for name in self.applied if name != "oneDNN kernels"] + ["torch.compile"]
+        elif variant != "plain" and variant != "fast":
             self.applied.append(variant)
-        self.sampler = DDIMSampler(self.model)
 
-    @torch.no_grad()
     def __call__(self, prompt: str, x_T: torch.Tensor, steps: int, scale: float) -> tuple[torch.Tensor, float]:
-        start = time.perf_counter()
-        cond = self.model.get_learned_conditioning([prompt])
-        uncond = self.model.get_learned_conditioning([""])
-        latents, _ = self.sampler.sample(S=steps, batch_size=1, shape=list(x_T.shape[1:]), conditioning=cond,
-                                         unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                                         eta=0.0, x_T=x_T, verbose=False)
-        synchronize(x_T.device)
-        denoised = time.perf_counter()
-        images = self.model.decode_first_stage(latents)
-        return ((images.float() + 1) / 2).clamp(0, 1).cpu(), denoised - start
+        from ldm.pipeline import Request
+
+        size = x_T.shape[-1] * 8  # x_T is the noise the request's seed draws (one CPU generator per image)
+        result = self.pipeline(Request(prompt, seed=self.seed, steps=steps, sampler="ddim", scale=scale, height=size,
+                                       width=size))
+        images = torch.from_numpy(result.pixels).permute(0, 3, 1, 2).float() / 255.0
+        return images, result.sampling_seconds
 
 
-MEMORY_MODES = ("attention slicing", "vae tiling", "vae slicing", "model offload", "sequential offload")
-
-
-def apply_memory_mode(model: torch.nn.Module, mode: str, device: torch.device) -> None:
-    from ldm import optimize
-    if mode == "attention slicing":
-        optimize.enable_attention_slicing(model)
-    elif mode == "vae tiling":
-        optimize.enable_vae_tiling(model, tile=32, overlap=8)  # 256-pixel tiles, so that 512x512 images are tiled
-    elif mode == "vae slicing":
-        optimize.enable_vae_slicing(model)
-    elif mode == "model offload":
-        optimize.enable_model_offload(model, device)
-    elif mode == "sequential offload":
-        optimize.enable_sequential_offload(model, device)
+# each memory mode as pipeline options (256-pixel VAE tiles, so that 512x512 images are tiled)
+MEMORY_MODES = {"attention slicing": {"attention_slicing": True}, "vae tiling": {"vae_tiling": True, "vae_tile": 32},
+                "vae slicing": {"vae_slicing": True}, "model offload": {"offload": "model"},
+                "sequential offload": {"offload": "sequential"}}
 
 
 def write_hf_tokenizer_files(folder: Path) -> None:
@@ -239,9 +220,10 @@ def write_hf_tokenizer_files(folder: Path) -> None:
 
 
 class DiffusersPipeline:
-    """diffusers' StableDiffusionPipeline (default SDPA attention) built offline from the same checkpoint."""
+    """diffusers' StableDiffusionPipeline (default SDPA attention) built offline from the same checkpoint; it starts
+    from the given x_T (`seed` is the one x_T was drawn with)."""
 
-    def __init__(self, ckpt: str, config: str, device: torch.device, dtype: torch.dtype, variant: str):
+    def __init__(self, ckpt: str, config: str, device: torch.device, dtype: torch.dtype, variant: str, seed: int):
         import transformers
         from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from diffusers.loaders import single_file_utils as convert
@@ -311,7 +293,8 @@ def sampling_worker(connection, name: str, variant: str, options: dict) -> None:
         torch.set_num_threads(options["threads"])
     device, dtype = torch.device(options["device"]), PRECISIONS[options["precision"]]
     start = time.perf_counter()
-    pipeline = PIPELINES.get(name, OurPipeline)(options["ckpt"], options["config"], device, dtype, variant)
+    pipeline = PIPELINES.get(name, OurPipeline)(options["ckpt"], options["config"], device, dtype, variant,
+                                                options["seed"])
     synchronize(device)
     connection.send(dict(load_s=time.perf_counter() - start, applied=pipeline.applied))
     generator = torch.Generator().manual_seed(options["seed"])

@@ -45,8 +45,9 @@ def _ignore(message: str) -> None:
 @dataclass(frozen=True)
 class Options:
     """How the model is loaded and run: weights (`use_ema`, `v_prediction`, `vae`), memory modes (`offload`
-    "model" | "sequential", `attention_slicing`, `vae_tiling`, `vae_slicing`), speed (`compile`, `cuda_graphs`), and
-    whether records carry file hashes (`hash_files`, hashed in a background thread)."""
+    "model" | "sequential", `attention_slicing`, `vae_tiling` in tiles of `vae_tile` latent pixels, `vae_slicing`),
+    speed (`fast_paths`: fused projections and the device's best kernels, same results to float rounding;
+    `compile`, `cuda_graphs`), and whether records carry file hashes (`hash_files`, hashed in a background thread)."""
 
     use_ema: bool | None = None
     v_prediction: bool | None = None
@@ -54,7 +55,9 @@ class Options:
     offload: str | None = None
     attention_slicing: bool = False
     vae_tiling: bool = False
+    vae_tile: int = 64
     vae_slicing: bool = False
+    fast_paths: bool = True
     compile: bool = False
     cuda_graphs: bool = False
     hash_files: bool = True
@@ -129,6 +132,7 @@ class Pipeline:
         self.defaults = model_defaults(setup.config, setup.ckpt)
         self.model_name = Path(setup.ckpt).stem
         self.stage = "sampling"  # or "decoding": what ran out of memory, for the advice
+        self.applied: list[str] = []  # the fast paths applied
         self._hashing: Future | None = None
 
     # --- making one ------------------------------------------------------------------------------------------------
@@ -198,11 +202,11 @@ class Pipeline:
     def _apply_speed_and_memory_options(self, offload: str | None) -> None:
         options, model = self.options, self.model
         # fused projections, and on the CPU oneDNN kernels and channels-last: same results to float rounding
-        optimize.apply_fast_paths(model, self.device)
+        self.applied = optimize.apply_fast_paths(model, self.device) if options.fast_paths else []
         if options.attention_slicing:
             optimize.enable_attention_slicing(model)
         if options.vae_tiling:
-            optimize.enable_vae_tiling(model)
+            optimize.enable_vae_tiling(model, tile=options.vae_tile)
         if options.vae_slicing:
             optimize.enable_vae_slicing(model)
         if offload == "model":
