@@ -7,7 +7,6 @@ each step feeds that update.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Callable, Sequence
@@ -18,35 +17,11 @@ from tqdm import tqdm
 
 from ldm.models.diffusion.guidance import conditioning_batch_size, guided_model_output
 from ldm.models.diffusion.noise import ImageNoise
+from ldm.models.diffusion.schedule import NoiseSchedule, make_ddim_timesteps
 
 logger = logging.getLogger(__name__)
 
 PARAMETERIZATIONS = ("eps", "v")
-
-
-def make_ddim_timesteps(method: str, num_steps: int, num_ddpm_timesteps: int) -> list[int]:
-    """The DDPM timesteps a DDIM run visits, ascending, chosen as CompVis chooses them.
-
-    "uniform" takes every `num_ddpm_timesteps // num_steps`-th step, so it returns more than `num_steps` steps when
-    `num_steps` does not divide `num_ddpm_timesteps` (CompVis does the same); "quad" spaces them quadratically up to
-    80% of the range. Every step is shifted by +1 so that the last update lands on alphas_cumprod[0].
-    """
-    if not 1 <= num_steps <= num_ddpm_timesteps:
-        raise ValueError(f"the number of sampling steps must be between 1 and {num_ddpm_timesteps}, got {num_steps}")
-    if method == "uniform":
-        steps = list(range(0, num_ddpm_timesteps, num_ddpm_timesteps // num_steps))
-    elif method == "quad":
-        # float64 arithmetic of numpy.linspace(0, sqrt(0.8 N), num_steps) ** 2, truncated as CompVis truncates
-        top = math.sqrt(num_ddpm_timesteps * 0.8)
-        if num_steps == 1:
-            points = [0.0]
-        else:
-            spacing = top / (num_steps - 1)
-            points = [index * spacing for index in range(num_steps - 1)] + [top]
-        steps = [int(point**2) for point in points]
-    else:
-        raise ValueError(f"ddim_discretize must be 'uniform' or 'quad', got {method!r}")
-    return [step + 1 for step in steps]
 
 
 def norm_thresholding(x0: torch.Tensor, value: float) -> torch.Tensor:
@@ -85,22 +60,20 @@ class DiscreteTimeSampler:
     # --- schedule ---------------------------------------------------------------------------------------------------
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = True) -> None:
-        """Pick the timesteps and compute, per step, alpha_t, alpha_prev and sigma_t (float32, on the model device)."""
+        """Pick the timesteps and compute, per step, alpha_t, alpha_prev and sigma_t (float32, on the model device)
+        from the model's `NoiseSchedule`."""
         timesteps = make_ddim_timesteps(ddim_discretize, ddim_num_steps, self.ddpm_num_timesteps)
         alphas_cumprod = self.model.alphas_cumprod.detach().float()
         if alphas_cumprod.shape[0] != self.ddpm_num_timesteps:
             raise ValueError(f"model.alphas_cumprod has {alphas_cumprod.shape[0]} entries but model.num_timesteps is "
                              f"{self.ddpm_num_timesteps}; they must agree")
+        coefficients = NoiseSchedule(alphas_cumprod).ddim_coefficients(timesteps, ddim_eta)
         self.ddim_timesteps = np.asarray(timesteps)
-        index = torch.tensor(timesteps, device=alphas_cumprod.device)
         self.alphas_cumprod = alphas_cumprod
-        self.ddim_alphas = alphas_cumprod[index]
-        # the step from the first (smallest) timestep goes to alphas_cumprod[0], not to 1
-        self.ddim_alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[index[:-1]]])
-        self.ddim_sqrt_one_minus_alphas = (1.0 - self.ddim_alphas).sqrt()
-        # eq. 16 of the DDIM paper: eta = 1 is DDPM's posterior variance, eta = 0 the deterministic sampler
-        self.ddim_sigmas = ddim_eta * ((1 - self.ddim_alphas_prev) / (1 - self.ddim_alphas)
-                                       * (1 - self.ddim_alphas / self.ddim_alphas_prev)).sqrt()
+        self.ddim_alphas = coefficients.alphas
+        self.ddim_alphas_prev = coefficients.alphas_prev
+        self.ddim_sqrt_one_minus_alphas = coefficients.sqrt_one_minus_alphas
+        self.ddim_sigmas = coefficients.sigmas
         self.ddim_eta = float(ddim_eta)
         if verbose:
             logger.info("%s timesteps %s, eta %s", type(self).__name__, timesteps, ddim_eta)

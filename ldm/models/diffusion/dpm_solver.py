@@ -5,6 +5,7 @@ Continuous time as in DPM-Solver's discrete-model wrapper: DDPM step n of N sits
 log alpha_t (alpha_t = sqrt(alphas_cumprod)) is piecewise linear in t between those points. The solver integrates
 the probability-flow ODE in lambda = log(alpha / sigma) from t = 1 to t = 1 / N (alphas_cumprod[0]) and calls the
 model at the fractional DDPM timestep (t - 1/N) * N, e.g. 999 * (1 - i / S) for i = 0..S-1 with uniform times.
+That time is `NoiseSchedule`'s continuous-time view (schedule.py), computed in float32 on the CPU.
 
 How it differs from diffusers' `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)`: the
 update formulas are the same (diffusers' "midpoint" solver type), but diffusers picks integer timesteps (for example
@@ -23,61 +24,7 @@ from tqdm import tqdm
 from ldm.models.diffusion.ddim import PARAMETERIZATIONS, norm_thresholding
 from ldm.models.diffusion.guidance import conditioning_batch_size, guided_model_output
 from ldm.models.diffusion.noise import ImageNoise
-
-SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
-
-
-def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear f(x) through the points (xp, fp), xp ascending, continued linearly past both ends."""
-    right = torch.searchsorted(xp, x).clamp(1, xp.shape[0] - 1)
-    x_left, x_right, f_left, f_right = xp[right - 1], xp[right], fp[right - 1], fp[right]
-    return f_left + (x - x_left) * (f_right - f_left) / (x_right - x_left)
-
-
-class DiscreteVPSchedule:
-    """The VP noise schedule of a discrete-time model, in DPM-Solver's continuous time t in [1/N, 1]."""
-
-    def __init__(self, alphas_cumprod: torch.Tensor):
-        self.num_timesteps = alphas_cumprod.shape[0]
-        self.log_alphas = 0.5 * alphas_cumprod.float().log()  # log alpha at DDPM step n, i.e. at t = (n + 1) / N
-        self.times = torch.arange(1, self.num_timesteps + 1, device=alphas_cumprod.device,
-                                  dtype=torch.float32) / self.num_timesteps
-
-    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
-        return interpolate(t, self.times, self.log_alphas)
-
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        return self.log_alpha(t).exp()
-
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return (-torch.expm1(2 * self.log_alpha(t))).sqrt()  # sqrt(1 - alpha^2), accurate where alpha ~ 1
-
-    def lambda_(self, t: torch.Tensor) -> torch.Tensor:
-        """Half log-SNR, log(alpha_t / sigma_t)."""
-        log_alpha = self.log_alpha(t)
-        return log_alpha - 0.5 * torch.log(-torch.expm1(2 * log_alpha))
-
-    def inverse_lambda(self, lambda_: torch.Tensor) -> torch.Tensor:
-        log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lambda_), -2 * lambda_)
-        return interpolate(log_alpha, self.log_alphas.flip(0), self.times.flip(0))
-
-    def model_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The (fractional) DDPM timestep the model is conditioned on at continuous time t."""
-        return (t - 1.0 / self.num_timesteps) * self.num_timesteps
-
-
-def dpm_solver_times(schedule: DiscreteVPSchedule, steps: int, skip_type: str = "time_uniform") -> torch.Tensor:
-    """The `steps + 1` times from t = 1 down to t = 1/N: uniform in t, in lambda ("logSNR"), or in sqrt(t)."""
-    device, t_end = schedule.times.device, 1.0 / schedule.num_timesteps
-    if skip_type == "time_uniform":
-        return torch.linspace(1.0, t_end, steps + 1, device=device)
-    if skip_type == "logSNR":
-        lambda_start, lambda_end = schedule.lambda_(torch.tensor([1.0, t_end], device=device))
-        return schedule.inverse_lambda(torch.linspace(lambda_start.item(), lambda_end.item(), steps + 1,
-                                                      device=device))
-    if skip_type == "time_quadratic":
-        return torch.linspace(1.0, t_end**0.5, steps + 1, device=device) ** 2
-    raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
+from ldm.models.diffusion.schedule import SKIP_TYPES, NoiseSchedule
 
 
 def step_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
@@ -124,9 +71,9 @@ class DPMSolverSampler:
         scales = list(ucg_schedule) if ucg_schedule is not None else [unconditional_guidance_scale] * S
 
         # the whole schedule in float32 on the CPU, once, so no step waits on the device to pick a coefficient
-        schedule = DiscreteVPSchedule(model.alphas_cumprod.detach().float().cpu())
-        times = dpm_solver_times(schedule, S, skip_type)
-        alphas, sigmas, lambdas = schedule.alpha(times), schedule.sigma(times), schedule.lambda_(times)
+        schedule = NoiseSchedule(model.alphas_cumprod.detach().float().cpu())
+        times = schedule.dpm_solver_times(S, skip_type)
+        alphas, sigmas, lambdas = schedule.alpha_at(times), schedule.sigma_vp_at(times), schedule.lambda_at(times)
         h = lambdas[1:] - lambdas[:-1]
         # one update is x_next = (sigma_next / sigma) x - alpha_next expm1(-h) D (eq. 9 of the DPM-Solver++ paper,
         # D the x0 prediction or its 2nd-order correction)
@@ -135,7 +82,7 @@ class DPMSolverSampler:
         # D = x0 + (x0 - x0_previous) / (2 r), r = h_previous / h (multistep "midpoint" form); unused at step 0
         history_weights = torch.cat([torch.zeros(1), h[1:] / (2 * h[:-1])])
         on_device = {name: value.to(x.device) for name, value in {
-            "model_times": schedule.model_time(times), "alphas": alphas, "sigmas": sigmas,
+            "model_times": schedule.timestep_at(times), "alphas": alphas, "sigmas": sigmas,
             "x_coefficients": x_coefficients, "d_coefficients": d_coefficients,
             "history_weights": history_weights}.items()}
 

@@ -12,85 +12,52 @@ import torch
 from torch import nn
 
 from ldm.models.diffusion.guidance import guided_model_output
-from ldm.models.diffusion.k_schedules import append_dims, append_zero
+from ldm.models.diffusion.k_schedules import append_dims
+from ldm.models.diffusion.schedule import NoiseSchedule
 
 
-class DiscreteSchedule(nn.Module):
-    """The map between continuous noise levels and the discrete timesteps 0..T-1 a DDPM model was trained on."""
-
-    def __init__(self, sigmas: torch.Tensor, quantize: bool):
-        super().__init__()
-        if sigmas.ndim != 1 or sigmas.numel() < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()):
-            raise ValueError("a discrete schedule needs at least two sigmas, strictly increasing with t")
-        self.register_buffer("sigmas", sigmas, persistent=False)
-        self.register_buffer("log_sigmas", sigmas.log(), persistent=False)
-        self.quantize = quantize
-
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        return self.sigmas[-1]
-
-    def sigma_to_t(self, sigma: torch.Tensor, quantize: bool | None = None) -> torch.Tensor:
-        """The timestep of noise level `sigma`: the nearest in log sigma when quantizing (an integer tensor), else
-        the fractional timestep found by interpolating log sigma linearly between neighbouring timesteps."""
-        quantize = self.quantize if quantize is None else quantize
-        log_sigma = sigma.to(self.log_sigmas.dtype).log().reshape(-1)
-        if quantize:
-            distances = (log_sigma[None, :] - self.log_sigmas[:, None]).abs()  # [T, N]
-            return distances.argmin(dim=0).reshape(sigma.shape)
-        last = self.log_sigmas.numel() - 1
-        low = (torch.searchsorted(self.log_sigmas, log_sigma, right=True) - 1).clamp(0, last - 1)
-        low_log, high_log = self.log_sigmas[low], self.log_sigmas[low + 1]
-        weight = ((log_sigma - low_log) / (high_log - low_log)).clamp(0, 1)
-        return (low + weight).reshape(sigma.shape)
-
-    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """The noise level of a (possibly fractional) timestep, interpolating log sigma linearly."""
-        t = t.to(self.log_sigmas.dtype)
-        low = t.floor().long().clamp(0, self.log_sigmas.numel() - 1)
-        high = t.ceil().long().clamp(0, self.log_sigmas.numel() - 1)
-        return torch.lerp(self.log_sigmas[low], self.log_sigmas[high], t - low).exp()
-
-    def get_sigmas(self, n: int | None = None) -> torch.Tensor:
-        """The model's own schedule as k-diffusion builds it: `n` timesteps evenly spaced from T-1 down to 0 (noise
-        levels interpolated in log sigma between integer timesteps), then sigma 0. All T levels when n is None."""
-        if n is None:
-            return append_zero(self.sigmas.flip(0))
-        if n < 1:
-            raise ValueError(f"a schedule needs at least one step, got n={n}")
-        t = torch.linspace(self.sigmas.numel() - 1, 0, n, device=self.sigmas.device, dtype=self.sigmas.dtype)
-        return append_zero(self.t_to_sigma(t))
-
-    def get_sigmas_discrete(self, n: int) -> torch.Tensor:
-        """`n` integer timesteps round(k (T-1) / n) for k = n..1, then sigma 0: the spacing diffusers' multistep
-        schedulers call "linspace" (it stops short of t=0 and leaves the last step to sigma 0)."""
-        if n < 1:
-            raise ValueError(f"a schedule needs at least one step, got n={n}")
-        last = self.sigmas.numel() - 1
-        # Python's round() rounds halves to even, as numpy does in diffusers
-        timesteps = torch.tensor([round(k * last / n) for k in range(n, 0, -1)], device=self.sigmas.device)
-        return append_zero(self.sigmas[timesteps])
-
-
-def _schedule_sigmas(model: Any) -> torch.Tensor:
-    alphas_cumprod = model.alphas_cumprod
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-
-
-class CompVisDenoiser(DiscreteSchedule):
+class CompVisDenoiser(nn.Module):
     """An eps-predicting `LatentDiffusion` as a denoiser: D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t).
 
     With `quantize` the model only ever sees the integer timesteps it was trained on (the nearest in log sigma);
-    without, fractional timesteps in between.
+    without, fractional timesteps in between. The model's noise levels, and the map between them and its
+    timesteps, are those of its `NoiseSchedule` (`schedule`), also reachable here under k-diffusion's names.
     """
 
     def __init__(self, model: Any, quantize: bool = True):
-        super().__init__(_schedule_sigmas(model), quantize)
+        super().__init__()
+        self.schedule = NoiseSchedule(model.alphas_cumprod)
         self.inner_model = model
+        self.quantize = quantize
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self.schedule.sigmas
+
+    @property
+    def log_sigmas(self) -> torch.Tensor:
+        return self.schedule.log_sigmas
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.schedule.sigma_max
+
+    def sigma_to_t(self, sigma: torch.Tensor, quantize: bool | None = None) -> torch.Tensor:
+        """The model timestep of noise level `sigma`: integer when quantizing (default: as the denoiser does)."""
+        return self.schedule.sigma_to_t(sigma, self.quantize if quantize is None else quantize)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.t_to_sigma(t)
+
+    def get_sigmas(self, n: int | None = None) -> torch.Tensor:
+        return self.schedule.get_sigmas(n)
+
+    def get_sigmas_discrete(self, n: int) -> torch.Tensor:
+        return self.schedule.get_sigmas_discrete(n)
 
     def get_scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c_skip, c_out, c_in) with D(x, sigma) = c_skip x + c_out F(c_in x, t) for the raw model output F."""

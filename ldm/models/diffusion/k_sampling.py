@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import trange
 
 from ldm.models.diffusion.k_schedules import get_ancestral_step, to_d
+from ldm.models.diffusion.schedule import sigma_to_lambda
 
 Denoiser = Callable[..., torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -28,11 +29,6 @@ def _require_noise(noise_sampler: NoiseSampler | None, sampler: str) -> NoiseSam
         raise ValueError(f"{sampler} adds noise but was given no noise_sampler: pass "
                          "noise_sampler=ImageNoise(seeds).noise_sampler(x), or set eta=0 / s_churn=0")
     return noise_sampler
-
-
-def _lambda(sigma: torch.Tensor) -> torch.Tensor:
-    """DPM-Solver's time variable, the half log signal-to-noise ratio: lambda = -log sigma."""
-    return -sigma.log()
 
 
 def _churn(x: torch.Tensor, sigma: torch.Tensor, steps: int, s_churn: float, s_tmin: float, s_tmax: float,
@@ -213,7 +209,7 @@ def sample_dpmpp_2s_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Te
         if sigma_down == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
-            h = _lambda(sigma_down) - _lambda(sigmas[i])
+            h = sigma_to_lambda(sigma_down) - sigma_to_lambda(sigmas[i])
             sigma_mid = (sigmas[i] * sigma_down) ** 0.5  # lambda halfway between the two
             x_mid = (sigma_mid / sigmas[i]) * x - torch.expm1(-h / 2) * denoised
             denoised_mid = model(x_mid, sigma_mid * ones, **extra_args)
@@ -280,12 +276,12 @@ def sample_dpmpp_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, ext
         if sigmas[i + 1] == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
             continue
-        lambda_now = _lambda(sigmas[i])
-        h = _lambda(sigmas[i + 1]) - lambda_now
+        lambda_now = sigma_to_lambda(sigmas[i])
+        h = sigma_to_lambda(sigmas[i + 1]) - lambda_now
         sigma_mid = (-(lambda_now + r * h)).exp()
 
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigma_mid, eta)
-        x_mid = (sigma_down / sigmas[i]) * x - torch.expm1(lambda_now - _lambda(sigma_down)) * denoised
+        x_mid = (sigma_down / sigmas[i]) * x - torch.expm1(lambda_now - sigma_to_lambda(sigma_down)) * denoised
         if sigma_up > 0:
             x_mid = x_mid + brownian(sigmas[i], sigma_mid) * s_noise * sigma_up
         denoised_mid = model(x_mid, sigma_mid * ones, **extra_args)
@@ -293,7 +289,7 @@ def sample_dpmpp_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, ext
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
         mix = 1 / (2 * r)
         denoised_combined = (1 - mix) * denoised + mix * denoised_mid
-        x = (sigma_down / sigmas[i]) * x - torch.expm1(lambda_now - _lambda(sigma_down)) * denoised_combined
+        x = (sigma_down / sigmas[i]) * x - torch.expm1(lambda_now - sigma_to_lambda(sigma_down)) * denoised_combined
         if sigma_up > 0:
             x = x + brownian(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
@@ -311,11 +307,12 @@ def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extr
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * ones, **extra_args)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
-        h = _lambda(sigmas[i + 1]) - _lambda(sigmas[i])
+        h = sigma_to_lambda(sigmas[i + 1]) - sigma_to_lambda(sigmas[i])
         if previous_denoised is None or sigmas[i + 1] == 0:
             estimate = denoised
         else:
-            ratio = (_lambda(sigmas[i]) - _lambda(sigmas[i - 1])) / h  # previous step size over this one
+            # the previous step's size over this one
+            ratio = (sigma_to_lambda(sigmas[i]) - sigma_to_lambda(sigmas[i - 1])) / h
             estimate = (1 + 1 / (2 * ratio)) * denoised - (1 / (2 * ratio)) * previous_denoised
         x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * estimate
         previous_denoised = denoised
@@ -340,7 +337,7 @@ def sample_dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        h = _lambda(sigmas[i + 1]) - _lambda(sigmas[i])
+        h = sigma_to_lambda(sigmas[i + 1]) - sigma_to_lambda(sigmas[i])
         eta_h = eta * h
         decay = -torch.expm1(-h - eta_h)  # 1 - exp(-(1 + eta) h)
         x = (sigmas[i + 1] / sigmas[i]) * (-eta_h).exp() * x + decay * denoised

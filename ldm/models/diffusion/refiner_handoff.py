@@ -59,7 +59,7 @@ def sample_with_refiner(base: Any, refiner: Any, name: str, steps: int, shape: S
 
     base_denoiser, refiner_denoiser = make_denoiser(base), make_denoiser(refiner)
     sigmas = spec.sigmas(base_denoiser, steps).to(x_T.device)
-    timesteps = base_denoiser.sigma_to_t(sigmas[:-1], quantize=False)  # one per step, decreasing
+    timesteps = base_denoiser.schedule.sigma_to_t(sigmas[:-1], quantize=False)  # one per step, decreasing
     split = handoff_index(timesteps, switch, base.num_timesteps)
     x = x_T * sigmas[0]
     if split > 0:

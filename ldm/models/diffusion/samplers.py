@@ -19,7 +19,6 @@ from ldm.models.diffusion import k_sampling
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.k_denoisers import CompVisDenoiser, make_denoiser
-from ldm.models.diffusion.k_schedules import get_sigmas_karras
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.uni_pc import sample_unipc
@@ -108,11 +107,10 @@ class KSamplerSpec(SamplerSpec):
     def sigmas(self, denoiser: CompVisDenoiser, steps: int) -> torch.Tensor:
         """The `steps + 1` decreasing noise levels of a `steps`-step run, ending at 0."""
         if self.schedule == "karras":
-            return get_sigmas_karras(steps, denoiser.sigma_min, denoiser.sigma_max, device=denoiser.sigmas.device,
-                                     dtype=denoiser.sigmas.dtype)
+            return denoiser.schedule.get_sigmas_karras(steps)
         if self.schedule == "discrete":
-            return denoiser.get_sigmas_discrete(steps)
-        return denoiser.get_sigmas(steps)
+            return denoiser.schedule.get_sigmas_discrete(steps)
+        return denoiser.schedule.get_sigmas(steps)
 
     def run(self, denoiser: Any, x: torch.Tensor, sigmas: torch.Tensor, cond: Any, uncond: Any, scale: float,
             noise: ImageNoise, eta: float | None = None, callback: Callback | None = None,

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import trange
 
+from ldm.models.diffusion.schedule import sigma_to_lambda
+
 Denoiser = Callable[..., torch.Tensor]
 
 VARIANTS = ("bh1", "bh2")
@@ -46,7 +48,7 @@ def _solve(ratios: list[float], b: list[float]) -> list[float]:
 
 
 def _lambda(sigma: torch.Tensor) -> float:
-    return -math.log(float(sigma))
+    return sigma_to_lambda(float(sigma))  # a Python float: the step coefficients are computed in float64
 
 
 def _first_order(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
