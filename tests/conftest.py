@@ -67,7 +67,7 @@ def txt2img(tiny_checkpoint, tiny_config, tmp_path, capsys, monkeypatch):
 @pytest.fixture(scope="session")
 def hf_vocabulary(tmp_path_factory) -> Path:
     """A folder with vocab.json / merges.txt in the Hugging Face CLIP tokenizer layout, from our vocabulary."""
-    from test_tokenizer import write_hf_vocabulary
+    from reference_text import write_hf_vocabulary
 
     folder = tmp_path_factory.mktemp("vocabulary")
     write_hf_vocabulary(folder)
@@ -81,5 +81,17 @@ def one_torch_thread():
     `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread(monkeypatch, tmp_path):
+    """One thread: the tiny model gains nothing from two, and two threads on a shared machine are far slower. Model
+    hashes are cached under the test's tmp_path. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # model hashes are cached there
     yield
     torch.set_num_threads(threads)

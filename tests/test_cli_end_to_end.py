@@ -10,23 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 import ldm.loading
+from image_files import parameters, pixels, sidecar
 from ldm.cli.txt2img import main
 
 SIZE = 32  # the tiny model's UNet halves once and its autoencoder downsamples 8x: sizes are multiples of 16
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch, tmp_path):
-    """One thread: the tiny model gains nothing from two, and two threads on a shared machine are far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # model hashes are cached there
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -39,20 +30,6 @@ def cli(tiny_checkpoint, tiny_config, tmp_path, capsys):
         captured = capsys.readouterr()
         return status, captured.out, captured.err
     return run
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def parameters(path) -> str:
-    with Image.open(path) as image:
-        return image.info["parameters"]
-
-
-def sidecar(path) -> dict:
-    return yaml.safe_load(Path(path).with_suffix(".yaml").read_text(encoding="utf-8"))
 
 
 def sample_names(outdir) -> list[str]:

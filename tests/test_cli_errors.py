@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from ldm.cli.txt2img import main
-from test_cli_end_to_end import one_thread  # noqa: F401 - autouse: one thread, hashes cached under tmp
 
 SIZE = 32
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

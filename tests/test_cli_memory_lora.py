@@ -1,15 +1,13 @@
 """txt2img's memory advice (before loading and on out-of-memory), the compile/graph warm-up, and --lora."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
 
-from checkpoint_factory import write_checkpoint
+from checkpoint_factory import write_checkpoint, write_lora
 from ldm.checkpoints import read_checkpoint, read_shapes
 from ldm.cli.arguments import UsageError, lora_specs
 from ldm.cli.memory import check_weights_fit, weight_bytes_by_part
@@ -133,29 +131,6 @@ def test_cuda_graphs_need_a_cuda_gpu(txt2img, tmp_path):
 
 
 # --- LoRA -------------------------------------------------------------------------------------------------------------
-LORA_LAYERS = {  # kohya name -> checkpoint key of the layer it changes
-    "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q":
-        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
-    "lora_unet_middle_block_1_proj_in":
-        "model.diffusion_model.middle_block.1.proj_in.weight",
-    "lora_te_text_model_encoder_layers_0_self_attn_q_proj":
-        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
-}
-
-
-def write_lora(path: Path, state_dict: dict[str, torch.Tensor], rank: int = 2, alpha: float = 1.0) -> dict:
-    """A random kohya LoRA for the tiny model's layers, and each layer's delta per unit weight (computed here)."""
-    generator = torch.Generator().manual_seed(3)
-    lora, deltas = {}, {}
-    for name, key in LORA_LAYERS.items():
-        weight = state_dict[key]
-        down = torch.randn(rank, *weight.shape[1:], generator=generator)
-        up = torch.randn(weight.shape[0], rank, *([1] * (weight.ndim - 2)), generator=generator) * 0.5
-        lora.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
-                     f"{name}.alpha": torch.tensor(alpha)})
-        deltas[key] = torch.einsum("or,ri->oi", up.flatten(1), down.flatten(1)).reshape(weight.shape) * alpha / rank
-    write_checkpoint(lora, path)
-    return deltas
 
 
 def test_lora_flag_gives_the_image_of_the_merged_checkpoint(txt2img, tiny_checkpoint, tmp_path):

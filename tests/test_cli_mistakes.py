@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 
 from checkpoint_factory import TEST_CONFIGS
 from ldm.cli import img2img, inpaint, txt2img
-from test_cli_end_to_end import one_thread  # noqa: F401 - autouse: one thread, hashes cached under tmp
 
 SCRIPTS = {"t": txt2img.main, "i": img2img.main, "p": inpaint.main}
 PROGS = {"t": "txt2img.py", "i": "img2img.py", "p": "inpaint.py"}
 LAYER = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"  # a 32 x 32 projection of the tiny UNet
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

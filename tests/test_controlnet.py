@@ -15,16 +15,17 @@ from omegaconf import OmegaConf
 
 from checkpoint_factory import TEST_CONFIGS, random_state_dict, write_checkpoint
 from cldm.cldm import ControlNet, control_residuals
+from image_files import parameters, pixels, sidecar
 from ldm.controlnet import CONFIG_DIR, attach_controlnet, load_controlnet
 from ldm.loading import LoadError, load_model, parameters_on_meta
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import instantiate_from_config
-from test_cli_end_to_end import cli, one_thread  # noqa: F401 - fixtures: the tiny txt2img run
-from test_pipeline_parity import NEGATIVE, PROMPT, SCALE, SCHEDULE, STEPS, diffusers_pipeline
+from reference_sd import NEGATIVE, PROMPT, SCALE, SCHEDULE, STEPS, diffusers_pipeline
 
 CLDM_CONFIG = TEST_CONFIGS / "tiny-cldm-v1.yaml"
 SIZE = 64  # pixels: the tiny UNet's latents are 8x8
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -279,15 +280,14 @@ def cli_files(files, tmp_path) -> dict:
     return {"controlnet": path, "image": image}
 
 
-def test_cli_writes_the_controlled_image_with_its_metadata(cli, cli_files, tmp_path):
+def test_cli_writes_the_controlled_image_with_its_metadata(txt2img, cli_files, tmp_path):
     from ldm.checkpoints import model_hash
-    from test_cli_end_to_end import parameters, pixels, sidecar
 
     flags = ("--controlnet", cli_files["controlnet"], "--control_image", cli_files["image"])
     runs = {}
     for name, extra in (("plain", ()), ("zero", ("--control_scale", 0)), ("half", ("--control_scale", 0.5))):
-        status, out, err = cli(*(() if name == "plain" else flags), *extra, "--seed", 3, "--skip_grid",
-                               outdir=tmp_path / name)
+        status, out, err = txt2img(*(() if name == "plain" else flags), *extra, "--seed", 3, "--skip_grid",
+                                   outdir=tmp_path / name)
         assert status == 0, err
         runs[name] = tmp_path / name / "samples" / "00000.png"
     assert (pixels(runs["zero"]) == pixels(runs["plain"])).all()  # strength 0 leaves the UNet untouched
@@ -299,7 +299,7 @@ def test_cli_writes_the_controlled_image_with_its_metadata(cli, cli_files, tmp_p
     assert recorded["controlnet"] == "control_tiny.pth" and recorded["control_scale"] == 0.5
 
 
-def test_cli_refuses_bad_controlnet_input_before_writing(cli, cli_files, tmp_path, tiny_checkpoint):
+def test_cli_refuses_bad_controlnet_input_before_writing(txt2img, cli_files, tmp_path, tiny_checkpoint):
     shape = dict(image_size=8, in_channels=4, model_channels=32, num_res_blocks=1, attention_resolutions=[1],
                  channel_mult=[1], num_heads=2, use_spatial_transformer=True, legacy=False, hint_channels=3)
     sd2 = write_checkpoint(ControlNet(context_dim=1024, **shape).state_dict(), tmp_path / "sd21_control.safetensors")
@@ -315,23 +315,21 @@ def test_cli_refuses_bad_controlnet_input_before_writing(cli, cli_files, tmp_pat
              (("--controlnet", cli_files["controlnet"], "--control_image", cli_files["image"], "--control_scale", 3),
               "outside \\[0, 2\\]")]
     for flags, message in cases:
-        status, _, err = cli(*flags, outdir=tmp_path / "out")
+        status, _, err = txt2img(*flags, outdir=tmp_path / "out")
         assert status == 2, (flags, err)
         assert re.search(message, err), err
         assert not (tmp_path / "out").exists()
 
 
-def test_cli_metadata_remakes_the_controlled_image(cli, cli_files, tmp_path):
-    from test_cli_end_to_end import pixels
-
+def test_cli_metadata_remakes_the_controlled_image(txt2img, cli_files, tmp_path):
     flags = ("--controlnet", cli_files["controlnet"], "--control_image", cli_files["image"])
-    status, _, err = cli(*flags, "--control_scale", 0.7, "--seed", 11, "--skip_grid", outdir=tmp_path / "first")
+    status, _, err = txt2img(*flags, "--control_scale", 0.7, "--seed", 11, "--skip_grid", outdir=tmp_path / "first")
     assert status == 0, err
     made = tmp_path / "first" / "samples" / "00000.png"
-    status, _, err = cli("--metadata_from", made, outdir=tmp_path / "without")
+    status, _, err = txt2img("--metadata_from", made, outdir=tmp_path / "without")
     assert status == 0 and "steered by the ControlNet control_tiny.pth with the control image edges.png" in err
     for source in (made, made.with_suffix(".yaml")):  # the PNG text and the sidecar; the scale comes from them
         outdir = tmp_path / f"again-{source.suffix[1:]}"
-        status, _, err = cli(*flags, "--metadata_from", source, "--skip_grid", outdir=outdir)
+        status, _, err = txt2img(*flags, "--metadata_from", source, "--skip_grid", outdir=outdir)
         assert status == 0, err
         assert (pixels(outdir / "samples" / "00000.png") == pixels(made)).all()

@@ -18,9 +18,9 @@ from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import sample
 from ldm.textual_inversion import (EmbeddingError, load_textual_inversion, prompt_encoders, read_embeddings,
                                    read_textual_inversion)
-from test_loading import Payload
-from test_pipeline_parity import SCHEDULE, diffusers_pipeline
-from test_sdxl import diffusers_parts
+from pickle_payload import Payload
+from reference_sd import SCHEDULE, diffusers_pipeline
+from reference_sdxl import diffusers_parts
 
 WIDTH = 32  # every tiny text encoder's
 PROMPTS = ["a portrait of my-style, highly detailed", "a red cat", "a cat " * 36 + "a my-style"]

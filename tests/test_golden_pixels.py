@@ -10,6 +10,8 @@ Record (only when today's images are the intended ones) with the table below:
 
     python tests/test_golden_pixels.py --record tests/golden/pixels.npz
 
+(with another commit's code: `git worktree add --detach /tmp/old COMMIT`, then the same command with
+`PYTHONPATH=/tmp/old:tests`; the recorder prints which `ldm` made the images).
 The input files (tiny random checkpoints, images, masks, LoRA, embeddings, ControlNet) are rebuilt from fixed seeds by
 the helpers in tests/; only the images the scripts write are compared (their metadata may change).
 """
@@ -28,8 +30,11 @@ import pytest
 import torch
 from PIL import Image
 
+import ldm
 from checkpoint_factory import (TEST_CONFIGS, make_tiny_checkpoint, make_tiny_controlnet, make_tiny_xl_checkpoint,
                                 write_checkpoint, write_lora)
+from ldm.checkpoints import read_checkpoint
+from ldm.cli import img2img, inpaint, txt2img, upscale
 from smooth_inputs import smooth_image
 
 FIXTURE = Path(__file__).resolve().parent / "golden" / "pixels.npz"
@@ -43,6 +48,7 @@ V2_V = ["--ckpt", "{v2}", "--config", "{v2_v_config}", *SMALL]
 XL = ["--ckpt", "{xl}", "--config", "{xl_config}", *SMALL, "--scale", "5"]
 IMAGE = ["--init-img", "{init}", "--ddim_steps", "4", "--n_iter", "1", "--n_samples", "1", "--skip_grid",
          "--seed", "23", "--prompt", PROMPT, "--precision", "full"]
+SCRIPTS = {"txt2img": txt2img.main, "img2img": img2img.main, "inpaint": inpaint.main, "upscale": upscale.main}
 K_SAMPLERS = ["euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms", "dpmpp_2s_a", "dpmpp_2m", "dpmpp_sde",
               "dpmpp_2m_sde", "unipc"]
 
@@ -145,8 +151,6 @@ def build_inputs(folder: Path) -> dict[str, str]:
     shutil.copy(TEST_CONFIGS / "tiny-cldm-v1.yaml", folder / "control_tiny.yaml")
     (folder / "tiny-v2-v.yaml").write_text((TEST_CONFIGS / "tiny-v2.yaml").read_text(encoding="utf-8").replace(
         "  params:\n", '  params:\n    parameterization: "v"\n', 1), encoding="utf-8")
-    from ldm.checkpoints import read_checkpoint
-
     write_lora(paths["lora"], read_checkpoint(paths["v1"])[0])
     paths["embeddings"].mkdir(exist_ok=True)
     generator = torch.Generator().manual_seed(6)
@@ -169,10 +173,7 @@ def build_inputs(folder: Path) -> dict[str, str]:
 def run_request(script: str, argv: list[str], inputs: dict[str, str], outdir: Path) -> dict[str, np.ndarray]:
     """Run `script`'s main on `argv` (placeholders filled in) into `outdir`; {file name: uint8 pixels} of its
     samples."""
-    import importlib
-
-    main = importlib.import_module(f"ldm.cli.{script}").main
-    status = main([arg.format_map(inputs) for arg in argv] + ["--outdir", str(outdir)])
+    status = SCRIPTS[script]([arg.format_map(inputs) for arg in argv] + ["--outdir", str(outdir)])
     assert status == 0, f"{script} {' '.join(argv)} exited with status {status}"
     images = {}
     for path in sorted((outdir / "samples").glob("*.png")):
@@ -183,8 +184,6 @@ def run_request(script: str, argv: list[str], inputs: dict[str, str], outdir: Pa
 
 def record(path: Path) -> None:
     """Run every request in a temporary folder and write their pixels to `path`."""
-    import ldm
-
     torch.set_num_threads(1)
     arrays = {}
     with tempfile.TemporaryDirectory() as folder:

@@ -18,31 +18,26 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
 from PIL import Image
 
 from checkpoint_factory import TEST_CONFIGS
+from image_files import pixels
 from ldm.cli.images import to_uint8
 from ldm.cli.img2img import encode_init_image, image_to_tensor, init_latents, main
 from ldm.loading import load_model
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import sample, sample_img2img
-from test_cli_end_to_end import one_thread, pixels  # noqa: F401 - one_thread: one thread, hashes cached under tmp
-from test_pipeline_parity import NEGATIVE, PROMPT, SCALE, SCHEDULE, diffusers_pipeline
+from reference_sd import NEGATIVE, PROMPT, SCALE, SCHEDULE, CompVisNoisingDDIM, diffusers_pipeline
+from smooth_inputs import smooth_image
 
 STEPS, STRENGTH, SEEDS = 10, 0.75, [5, 6]  # 10 divides 1000: DDIM's and diffusers' timesteps agree
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
     return load_model(tiny_checkpoint, TEST_CONFIGS / "tiny-v1.yaml")
-
-
-def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth random RGB image (colour blobs), so the autoencoder sees image-like input."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return Image.fromarray(coarse).resize((width, height), resample=Image.BICUBIC)
 
 
 def our_latents(model, sampler: str, image: Image.Image, strength: float, seeds=SEEDS, steps=STEPS):
@@ -51,14 +46,6 @@ def our_latents(model, sampler: str, image: Image.Image, strength: float, seeds=
     cond = model.get_learned_conditioning([PROMPT] * len(seeds))
     uncond = model.get_learned_conditioning([NEGATIVE] * len(seeds))
     return x_init, sample_img2img(model, sampler, steps, x_init, strength, cond, uncond, SCALE, noise, disable=True)
-
-
-class CompVisNoisingDDIM(DDIMScheduler):
-    """diffusers' DDIM noising the init image as CompVis' img2img does: one DDIM step above the first step run."""
-
-    def add_noise(self, original_samples, noise, timesteps):
-        return super().add_noise(original_samples, noise,
-                                 timesteps + self.config.num_train_timesteps // self.num_inference_steps)
 
 
 # --- (a) the library path equals diffusers' img2img pipeline -------------------------------------------------------

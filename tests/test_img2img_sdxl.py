@@ -19,14 +19,15 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 
 from checkpoint_factory import TEST_CONFIGS
+from image_files import pixels
 from ldm.cli.images import to_uint8
 from ldm.cli.img2img import encode_init_image, image_to_tensor, init_latents, main
 from ldm.loading import load_model
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import sample_img2img
-from test_cli_end_to_end import one_thread, pixels  # noqa: F401 - one_thread: one thread, hashes cached under tmp
-from test_img2img import CompVisNoisingDDIM, smooth_image
-from test_sdxl import PROMPTS, SCALE, SCHEDULE, diffusers_parts
+from reference_sd import CompVisNoisingDDIM
+from reference_sdxl import PROMPTS, SCALE, SCHEDULE, diffusers_parts
+from smooth_inputs import smooth_image
 
 STEPS, SEEDS = 10, [5, 6]  # 999 / (10 - 1) is whole (Euler's sigmas on trained timesteps); 10 divides 1000 (DDIM)
 WIDTH, HEIGHT = 128, 64  # not square, so (height, width) order in the size conditioning shows

@@ -19,6 +19,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionInpa
 from PIL import Image
 
 from checkpoint_factory import TEST_CONFIGS, make_tiny_checkpoint
+from image_files import pixels
 from ldm.checkpoints import read_shapes
 from ldm.cli.images import to_uint8
 from ldm.cli.img2img import encode_init_image, image_to_tensor
@@ -29,12 +30,12 @@ from ldm.models.diffusion.inpainting import (InpaintingInputs, is_inpainting_mod
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import encoded_latents
 from ldm.util import instantiate_from_config
-from test_cli_end_to_end import one_thread, pixels  # noqa: F401 - one_thread: one thread, hashes cached under tmp
-from test_img2img import smooth_image
-from test_pipeline_parity import NEGATIVE, PROMPT, SCALE, SCHEDULE, diffusers_pipeline
+from reference_sd import NEGATIVE, PROMPT, SCALE, SCHEDULE, diffusers_pipeline
+from smooth_inputs import smooth_image
 
 STEPS, SEEDS, SIZE = 10, [5, 6], 64
 CONFIG_NAMES = {"v1": "tiny-v1.yaml", "v1-inpainting": "tiny-v1-inpainting.yaml"}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from ldm.models.diffusion.k_denoisers import CompVisDenoiser, CompVisVDenoiser
 from ldm.models.diffusion.k_schedules import get_ancestral_step, get_sigmas_karras
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import available_samplers, resolve_sampler, sample
-from toy_diffusion import GaussianDataDiffusion, NonlinearToyDiffusion
+from toy_diffusion import ContinuousGaussianData, GaussianDataDiffusion, NonlinearToyDiffusion
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -319,19 +319,6 @@ def test_stochastic_samplers_require_a_noise_sampler():
 
 
 # --- convergence to the exact probability-flow ODE solution ---------------------------------------------------------
-class ContinuousGaussianData(GaussianDataDiffusion):
-    """The exact Gaussian-data model at fractional timesteps too (log sigma interpolated, as `t_to_sigma` does),
-    so midpoint evaluations are exact as well."""
-
-    def predict(self, x, t, cond):
-        log_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).log()
-        t = t.to(log_sigmas.dtype)
-        low = t.floor().long().clamp(0, len(log_sigmas) - 1)
-        sigma = torch.lerp(log_sigmas[low], log_sigmas[t.ceil().long()], t - low).exp()
-        a = (1 / (1 + sigma**2)).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        mean = self.mu + cond.reshape(-1, *([1] * (x.ndim - 1)))
-        eps = (1 - a).sqrt() * (x - a.sqrt() * mean) / (a * self.std**2 + 1 - a)
-        return eps, (x - (1 - a).sqrt() * eps) / a.sqrt()
 
 
 def ode_errors(sampler, step_counts, **knobs) -> list[float]:

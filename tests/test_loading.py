@@ -15,6 +15,7 @@ from checkpoint_factory import TEST_CONFIGS, random_state_dict, write_checkpoint
 from ldm.checkpoints import detect_format, read_checkpoint, model_hash
 from ldm.loading import CONFIG_DIR, LoadError, load_model, parameters_on_meta, resolve_config
 from ldm.util import instantiate_from_config
+from pickle_payload import Payload
 
 V1, V2 = TEST_CONFIGS / "tiny-v1.yaml", TEST_CONFIGS / "tiny-v2.yaml"
 
@@ -56,15 +57,6 @@ def test_format_comes_from_bytes_not_extension(tiny_checkpoints, tmp_path):
     first = load_model(safetensors_as_ckpt, V1).state_dict()
     second = load_model(ckpt_as_safetensors, V1).state_dict()
     assert all(torch.equal(first[key], second[key]) for key in first)
-
-
-class Payload:
-    """Unpickling this would create the marker file: the loader must never let it run."""
-
-    marker = ""
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):

@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoint_factory import TEST_CONFIGS, write_checkpoint
+from checkpoint_factory import TEST_CONFIGS, write_checkpoint, write_lora as write_sd1_lora
 from ldm.checkpoints import read_checkpoint
 from ldm.loading import load_model
 from ldm.lora import LoraError, apply_lora
-from test_cli_memory_lora import write_lora as write_sd1_lora
-from test_sdxl import PROMPTS, diffusers_parts, diffusers_vector
+from reference_sdxl import PROMPTS, diffusers_parts, diffusers_vector
 
 UNET = "model.diffusion_model."
 TE1 = "conditioner.embedders.0.transformer.text_model.encoder.layers."

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint_factory import TEST_CONFIGS
+from decoder_statistics import exact_statistics
 from ldm import optimize
 from ldm.checkpoints import CheckpointError, PageReleaser, read_checkpoint, read_shapes
 from ldm.loading import load_model, parameters_on_meta
@@ -25,6 +26,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.diffusionmodules.model import AttnBlock
 from ldm.optimize.kernels import OneDNNLinear, PackedConv2d
 from ldm.optimize.vae import VaeTiling, decode_tiled, receptive_radius
+from smooth_inputs import smooth_latent
 
 V1, V2 = TEST_CONFIGS / "tiny-v1.yaml", TEST_CONFIGS / "tiny-v2.yaml"
 LINUX = sys.platform.startswith("linux")
@@ -287,12 +289,6 @@ def tiny_vae():
     return vae
 
 
-def smooth_latent(height: int, width: int, batch: int = 1) -> torch.Tensor:
-    """Spatially correlated latents, like real ones (white noise would make every tile look alike)."""
-    noise = torch.randn(batch, 4, height + 4, width + 4, generator=torch.Generator().manual_seed(0))
-    return F.avg_pool2d(noise, 5, 1) * 2
-
-
 def test_vae_slicing_decodes_the_same_images(tiny_vae):
     z = smooth_latent(8, 12, batch=3)
     with torch.no_grad():
@@ -304,24 +300,6 @@ def test_vae_slicing_decodes_the_same_images(tiny_vae):
             optimize.enable_vae_slicing(tiny_vae, False)
     # equal up to the float rounding of kernels that block a batch of 1 differently from a batch of 3
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-4)
-
-
-def exact_statistics(vae: nn.Module, z: torch.Tensor) -> dict:
-    """(mean, variance) per image and group of every upsampling-path GroupNorm's input, from an untiled decode."""
-    decoder = vae.decoder
-    norms = [m for m in [*decoder.up.modules(), decoder.norm_out] if isinstance(m, nn.GroupNorm)]
-    statistics = {}
-
-    def record(norm, args):
-        grouped = args[0].double().reshape(args[0].shape[0], norm.num_groups, -1)
-        statistics[norm] = (grouped.mean(-1), grouped.var(-1, correction=0))
-
-    hooks = [norm.register_forward_pre_hook(record) for norm in norms]
-    with torch.no_grad():
-        vae.decode(z)
-    for hook in hooks:
-        hook.remove()
-    return statistics
 
 
 def test_vae_tiles_join_without_seams(tiny_vae):

@@ -12,16 +12,17 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from checkpoint_factory import TEST_CONFIGS
+from image_files import pixels
 from ldm.cli.images import to_uint8
 from ldm.cli.metadata import read_png_parameters
 from ldm.cli.txt2img import main
 from ldm.loading import load_model
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.refiner_handoff import handoff_index, sample_with_refiner
-from test_cli_end_to_end import one_thread, pixels  # noqa: F401 - one_thread: one thread, hashes cached under tmp
-from test_sdxl import PROMPTS, SCALE, SCHEDULE, diffusers_parts
+from reference_sdxl import PROMPTS, SCALE, SCHEDULE, diffusers_parts
 
 STEPS, SIZE = 4, 64  # 999 / (4 - 1) is whole: Euler's sigmas sit on trained timesteps 999, 666, 333, 0
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2
+from reference_text import for_transformers, hf_text_config
 
 transformers = pytest.importorskip("transformers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -36,22 +37,8 @@ def max_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
-def hf_text_config(width: int, layers: int, heads: int, activation: str, projection_dim: int = 512):
-    return transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=77, hidden_act=activation, layer_norm_eps=1e-5,
-        projection_dim=projection_dim, attn_implementation="eager")
-
-
 def prefixed(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + key: value for key, value in module.state_dict().items()}
-
-
-def for_transformers(model: torch.nn.Module, converted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers 5's CLIPTextModel has no `text_model.` wrapper; diffusers strips the prefix the same way."""
-    if hasattr(model, "text_model"):
-        return converted
-    return {key.removeprefix("text_model."): value for key, value in converted.items()}
 
 
 # --- SD 1.x: FrozenCLIPEmbedder vs transformers CLIPTextModel -------------------------------------------------

@@ -8,14 +8,12 @@ tokenizer (checked when the ids were recorded).
 """
 from __future__ import annotations
 
-import gzip
-import json
-
 import pytest
 import torch
 
-from ldm.modules.encoders.clip_tokenizer import (END_OF_TEXT_ID, NUM_MERGES, START_OF_TEXT_ID, VOCABULARY_PATH,
-                                                 CLIPTokenizer, byte_to_unicode, load_vocabulary)
+from ldm.modules.encoders.clip_tokenizer import (END_OF_TEXT_ID, NUM_MERGES, START_OF_TEXT_ID, CLIPTokenizer,
+                                                 load_vocabulary)
+from reference_text import write_hf_vocabulary
 
 transformers = pytest.importorskip("transformers")
 
@@ -79,16 +77,6 @@ OPEN_CLIP_IDS = {
 
 def padded(ids: list[int], pad: int, length: int = 77) -> list[int]:
     return ids + [pad] * (length - len(ids))
-
-
-def write_hf_vocabulary(directory) -> None:
-    """vocab.json / merges.txt as the HF CLIP tokenizer files are laid out, derived from the gz vocabulary."""
-    merges = gzip.open(VOCABULARY_PATH, "rt", encoding="utf-8").read().split("\n")[1:NUM_MERGES + 1]
-    characters = list(byte_to_unicode().values())
-    tokens = characters + [c + "</w>" for c in characters] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from ldm.models.diffusion.k_schedules import get_sigmas_karras
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import sample
 from ldm.models.diffusion.uni_pc import sample_unipc
-from test_k_samplers import ContinuousGaussianData
-from toy_diffusion import NonlinearToyDiffusion
+from toy_diffusion import ContinuousGaussianData, NonlinearToyDiffusion
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -23,6 +23,8 @@ from diffusers.loaders import single_file_utils
 from PIL import Image
 
 from checkpoint_factory import TEST_CONFIGS, make_tiny_checkpoint
+from decoder_statistics import exact_statistics
+from image_files import pixels
 from ldm.checkpoints import read_checkpoint, read_shapes
 from ldm.cli.images import to_uint8
 from ldm.cli.img2img import image_to_tensor
@@ -32,16 +34,15 @@ from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.upscale import sample_upscale
 from ldm.optimize.vae import VaeTiling, decode_tiled
 from ldm.util import instantiate_from_config
-from test_cli_end_to_end import one_thread, pixels  # noqa: F401 - one_thread: one thread, hashes cached under tmp
-from test_img2img import smooth_image
-from test_performance import exact_statistics, smooth_latent
-from test_pipeline_parity import NEGATIVE, PROMPT, diffusers_unet_and_vae
-from test_text_encoders import for_transformers, hf_text_config
+from reference_sd import NEGATIVE, PROMPT, diffusers_unet_and_vae
+from reference_text import for_transformers, hf_text_config
+from smooth_inputs import smooth_image, smooth_latent
 
 CONFIG = TEST_CONFIGS / "tiny-x4-upscaling.yaml"
 STEPS, SCALE, NOISE_LEVEL, SEEDS = 10, 9.0, 100, [5, 6]  # 10 divides 1000: DDIM's and diffusers' timesteps agree
 LOW_W, LOW_H = 16, 12
 SCHEDULE = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

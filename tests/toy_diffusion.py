@@ -94,3 +94,18 @@ class NonlinearToyDiffusion(ToyDiffusion):
         if torch.is_tensor(cond):  # cond [B, tokens, cond_dim] like cross-attention context
             h = h + (cond.mean(1) @ self.c)[:, :, None, None]
         return torch.tanh(h + tt) + 0.1 * x
+
+
+class ContinuousGaussianData(GaussianDataDiffusion):
+    """The exact Gaussian-data model at fractional timesteps too (log sigma interpolated, as `t_to_sigma` does),
+    so midpoint evaluations are exact as well."""
+
+    def predict(self, x, t, cond):
+        log_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).log()
+        t = t.to(log_sigmas.dtype)
+        low = t.floor().long().clamp(0, len(log_sigmas) - 1)
+        sigma = torch.lerp(log_sigmas[low], log_sigmas[t.ceil().long()], t - low).exp()
+        a = (1 / (1 + sigma**2)).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        mean = self.mu + cond.reshape(-1, *([1] * (x.ndim - 1)))
+        eps = (1 - a).sqrt() * (x - a.sqrt() * mean) / (a * self.std**2 + 1 - a)
+        return eps, (x - (1 - a).sqrt() * eps) / a.sqrt()
