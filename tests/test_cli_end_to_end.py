@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import ldm.loading
+import ldm.pipeline.pipeline as pipeline_module
 from image_files import parameters, pixels, sidecar
 from ldm.cli.txt2img import main
 
@@ -152,8 +153,8 @@ def test_metadata_round_trips_to_identical_pixels(cli, tmp_path, flags):
 
 def test_prompt_file_with_comments_overrides_and_a_short_last_batch(cli, tmp_path, monkeypatch):
     loads = []
-    real_load = ldm.loading.load_model
-    monkeypatch.setattr(ldm.loading, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = pipeline_module.load_model
+    monkeypatch.setattr(pipeline_module, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# my prompts\n\nfirst ünïcødé\n"
                        + json.dumps({"prompt": "tall", "H": 48, "seed": 1000, "steps": 4, "sampler": "Euler a"}) + "\n"
@@ -201,8 +202,8 @@ def test_loader_flags_are_passed_through(cli, tmp_path, monkeypatch):
         seen.update(kwargs, ckpt=ckpt, config=config)
         raise ldm.loading.LoadError("stopped by the test")
 
-    monkeypatch.setattr(ldm.loading, "load_model", fake_load)
-    monkeypatch.setattr(ldm.loading, "check_loadable", lambda *args, **kwargs: None)  # the tiny model has no EMA
+    monkeypatch.setattr(pipeline_module, "load_model", fake_load)
+    monkeypatch.setattr(pipeline_module, "check_loadable", lambda *args, **kwargs: None)  # the tiny model has no EMA
     status, _, stderr = cli("--ema", "--v_prediction", "--device", "cpu", "--precision", "full")
     assert status == 2 and stderr.strip().endswith("error: stopped by the test")
     assert seen["use_ema"] is True and seen["v_prediction"] is True and seen["vae"] is None

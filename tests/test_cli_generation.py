@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ldm.cli.generation import GenerationError, decode_to_pixels, run_in_sub_batches
-from ldm.cli.images import make_grid, to_uint8
+from ldm.pipeline.decoding import GenerationError, decode_to_pixels, run_in_sub_batches
+from ldm.cli.images import make_grid
+from ldm.pipeline.decoding import to_uint8
 
 
 def out_of_memory() -> BaseException:
@@ -26,7 +27,7 @@ def test_out_of_memory_retries_in_halves_and_keeps_the_order():
         return np.array(items)
 
     result = run_in_sub_batches(run, [1, 2, 3, 4, 5], lambda size, half: retries.append((size, half)), lambda: "")
-    assert result.tolist() == [1, 2, 3, 4, 5]
+    assert np.concatenate(result).tolist() == [1, 2, 3, 4, 5]
     assert attempts == [[1, 2, 3, 4, 5], [1, 2, 3], [1, 2], [3], [4, 5]]
     assert retries == [(5, 3), (3, 2)]
 
@@ -127,19 +128,19 @@ def nearly_equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def test_simulated_out_of_memory_gives_the_same_images_in_sub_batches(cli, tmp_path, monkeypatch):
-    import ldm.cli.txt2img as txt2img
+    from ldm.pipeline import Pipeline
 
     assert cli("--n_samples", 4, "--skip_grid", outdir=tmp_path / "plain")[0] == 0
-    real = txt2img.Run.render_exactly
+    real = Pipeline.render
     sizes = []
 
-    def tight_memory(self, batch):
-        sizes.append(len(batch))
-        if len(batch) > 1:
+    def tight_memory(self, request, warm_up=False):
+        sizes.append(request.batch_size)
+        if request.batch_size > 1:
             raise out_of_memory()
-        return real(self, batch)
+        return real(self, request, warm_up)
 
-    monkeypatch.setattr(txt2img.Run, "render_exactly", tight_memory)
+    monkeypatch.setattr(Pipeline, "render", tight_memory)
     status, err = cli("--n_samples", 4, "--skip_grid", outdir=tmp_path / "tight")
     assert status == 0 and sizes == [4, 2, 1, 1, 2, 1, 1]
     assert "out of memory with a batch of 4: retrying in sub-batches of 2" in err
@@ -147,7 +148,7 @@ def test_simulated_out_of_memory_gives_the_same_images_in_sub_batches(cli, tmp_p
         name = f"samples/{index:05d}.png"
         assert nearly_equal(pixels(tmp_path / "plain" / name), pixels(tmp_path / "tight" / name))
 
-    monkeypatch.setattr(txt2img.Run, "render_exactly", lambda self, batch: (_ for _ in ()).throw(out_of_memory()))
+    monkeypatch.setattr(Pipeline, "render", lambda self, request, warm_up=False: (_ for _ in ()).throw(out_of_memory()))
     status, err = cli("--n_samples", 2, outdir=tmp_path / "none")
     assert status == 1 and ("error: out of memory on cpu while sampling one 32x32 image: try --attention_slicing, "
                             "--offload model, --offload sequential, --bf16 or a smaller --H/--W than 32x32") in err

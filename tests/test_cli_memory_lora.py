@@ -10,7 +10,7 @@ from PIL import Image
 from checkpoint_factory import write_checkpoint, write_lora
 from ldm.checkpoints import read_checkpoint, read_shapes
 from ldm.cli.arguments import UsageError, lora_specs
-from ldm.cli.memory import check_weights_fit, weight_bytes_by_part
+from ldm.pipeline.memory import check_weights_fit, weight_bytes_by_part
 from ldm.loading import load_model
 
 GIB = 2**30
@@ -58,18 +58,17 @@ def test_fp32_advice_also_names_half_precision():
 
 
 def test_the_cli_stops_before_loading_when_the_gpu_memory_is_too_small(txt2img, tmp_path, monkeypatch):
-    import ldm.devices
-    import ldm.loading
+    import ldm.pipeline.pipeline as pipeline_module
 
-    real_load = ldm.loading.load_model
-    monkeypatch.setattr(ldm.devices, "accelerator_memory", lambda device: (1000, 8 * GIB))
-    monkeypatch.setattr(ldm.loading, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    real_load = pipeline_module.load_model
+    monkeypatch.setattr(pipeline_module, "accelerator_memory", lambda device: (1000, 8 * GIB))
+    monkeypatch.setattr(pipeline_module, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     status, _, err = txt2img("--precision", "full", outdir=tmp_path / "out")
     assert status == 2 and "error: the model's weights need" in err and "use --offload sequential" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
-    monkeypatch.setattr(ldm.devices, "accelerator_memory", lambda device: (8 * GIB, 8 * GIB))
-    monkeypatch.setattr(ldm.loading, "load_model", real_load)
+    monkeypatch.setattr(pipeline_module, "accelerator_memory", lambda device: (8 * GIB, 8 * GIB))
+    monkeypatch.setattr(pipeline_module, "load_model", real_load)
     assert txt2img(outdir=tmp_path / "fits")[0] == 0  # memory that fits: the run goes on
 
 
@@ -79,9 +78,9 @@ def raise_out_of_memory(*args, **kwargs):
 
 
 def test_out_of_memory_while_decoding_names_the_vae_flags(txt2img, tmp_path, monkeypatch):
-    import ldm.cli.txt2img as cli_module
+    import ldm.pipeline.pipeline as pipeline_module
 
-    monkeypatch.setattr(cli_module, "decode_to_pixels", raise_out_of_memory)
+    monkeypatch.setattr(pipeline_module, "decode_to_pixels", raise_out_of_memory)
     status, _, err = txt2img("--attention_slicing", outdir=tmp_path / "out")
     assert status == 1 and ("error: out of memory on cpu while decoding one 32x32 image: try --vae_tiling, "
                             "--offload model, --offload sequential, --bf16 or a smaller --H/--W than 32x32") in err
@@ -89,9 +88,9 @@ def test_out_of_memory_while_decoding_names_the_vae_flags(txt2img, tmp_path, mon
 
 
 def test_out_of_memory_advice_leaves_out_the_flags_already_used(txt2img, tmp_path, monkeypatch):
-    import ldm.cli.txt2img as cli_module
+    from ldm.pipeline import Pipeline
 
-    monkeypatch.setattr(cli_module.Run, "render_exactly", raise_out_of_memory)
+    monkeypatch.setattr(Pipeline, "render", raise_out_of_memory)
     status, _, err = txt2img("--attention_slicing", "--bf16", outdir=tmp_path / "out")
     assert status == 1 and "try --offload model, --offload sequential or a smaller --H/--W" in err
 
@@ -99,18 +98,18 @@ def test_out_of_memory_advice_leaves_out_the_flags_already_used(txt2img, tmp_pat
 # --- warm-up ----------------------------------------------------------------------------------------------------------
 def test_compile_warms_up_once_per_batch_shape_and_reports_it_apart(txt2img, tmp_path, monkeypatch):
     import ldm.optimize
-    import ldm.cli.txt2img as cli_module
+    from ldm.pipeline import Pipeline
 
     compiled, warm_ups = [], []
     monkeypatch.setattr(ldm.optimize, "compile_model", lambda model: compiled.append(model) or ["unet"])
-    real = cli_module.Run.render_exactly
+    real = Pipeline.render
 
-    def counting(self, batch, warm_up=False):
+    def counting(self, request, warm_up=False):
         if warm_up:
-            warm_ups.append((len(batch), batch[0].settings["H"]))
-        return real(self, batch, warm_up)
+            warm_ups.append((request.batch_size, request.height))
+        return real(self, request, warm_up)
 
-    monkeypatch.setattr(cli_module.Run, "render_exactly", counting)
+    monkeypatch.setattr(Pipeline, "render", counting)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a\nb\nc\n{"prompt": "d", "H": 64}\n')
     status, out, _ = txt2img("--compile", "--from-file", prompts, "--n_samples", 2, "--skip_grid",

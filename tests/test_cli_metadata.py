@@ -6,7 +6,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from ldm.cli.metadata import (ImageRecord, encode_png, parameters_text, parse_parameters_text, read_metadata_file,
+from ldm.pipeline.metadata import (ImageRecord, encode_png, parameters_text, parse_parameters_text, read_metadata_file,
                               sampler_display_name, sidecar_text)
 
 

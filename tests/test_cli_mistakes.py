@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from checkpoint_factory import TEST_CONFIGS
 from ldm.cli import img2img, inpaint, txt2img
+from ldm.pipeline.images import load_image
 
 SCRIPTS = {"t": txt2img.main, "i": img2img.main, "p": inpaint.main}
 PROGS = {"t": "txt2img.py", "i": "img2img.py", "p": "inpaint.py"}
@@ -320,10 +321,10 @@ def test_unusual_but_valid_inputs_run(script, flags, files, capsys, tmp_path):
 def test_sixteen_bit_and_cmyk_images_keep_their_tones(files):
     """PIL's convert("RGB") clips 16-bit grey to white; the init image must be the 8-bit image it was made from."""
     reference = np.asarray(Image.open(files["rgb"]).convert("RGB")).astype(int)
-    grey16 = np.asarray(img2img.load_init_image(files["grey16"])).astype(int)
+    grey16 = np.asarray(load_image(files["grey16"])).astype(int)
     assert (grey16 == reference[..., :1]).all()
-    assert (np.asarray(img2img.load_init_image(files["rgb16"])).astype(int) == reference).all()
-    assert np.abs(np.asarray(img2img.load_init_image(files["cmyk"])).astype(int) - reference).mean() < 8  # JPEG
+    assert (np.asarray(load_image(files["rgb16"])).astype(int) == reference).all()
+    assert np.abs(np.asarray(load_image(files["cmyk"])).astype(int) - reference).mean() < 8  # JPEG
 
 
 def test_prompt_files_with_a_bom_or_crlf_read_as_plain_utf8(tmp_path):

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
 from checkpoint_factory import TEST_CONFIGS, write_checkpoint
-from ldm.cli.generation import decode_to_pixels
+from ldm.pipeline.decoding import decode_to_pixels
 from ldm.loading import load_model
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import sample

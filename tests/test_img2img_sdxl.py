@@ -20,8 +20,11 @@ from PIL import Image
 
 from checkpoint_factory import TEST_CONFIGS
 from image_files import pixels
-from ldm.cli.images import to_uint8
-from ldm.cli.img2img import encode_init_image, image_to_tensor, init_latents, main
+from ldm.pipeline.decoding import to_uint8
+from ldm.cli.img2img import main
+from ldm.models.diffusion.samplers import encoded_latents as init_latents
+from ldm.pipeline.addons.init_image import encode_image as encode_init_image
+from ldm.pipeline.images import image_to_tensor
 from ldm.loading import load_model
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import sample_img2img

@@ -21,9 +21,11 @@ from PIL import Image
 from checkpoint_factory import TEST_CONFIGS, make_tiny_checkpoint
 from image_files import pixels
 from ldm.checkpoints import read_shapes
-from ldm.cli.images import to_uint8
-from ldm.cli.img2img import encode_init_image, image_to_tensor
-from ldm.cli.inpaint import main, mask_to_tensor
+from ldm.pipeline.decoding import to_uint8
+from ldm.pipeline.addons.init_image import encode_image as encode_init_image
+from ldm.pipeline.images import image_to_tensor
+from ldm.cli.inpaint import main
+from ldm.pipeline.images import mask_to_tensor
 from ldm.loading import CONFIG_DIR, LoadError, detect_family, load_config, load_model, parameters_on_meta, resolve_config
 from ldm.models.diffusion.inpainting import (InpaintingInputs, is_inpainting_model, latent_mask, masked_image,
                                              sample_inpaint)

@@ -13,8 +13,8 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, 
 
 from checkpoint_factory import TEST_CONFIGS
 from image_files import pixels
-from ldm.cli.images import to_uint8
-from ldm.cli.metadata import read_png_parameters
+from ldm.pipeline.decoding import to_uint8
+from ldm.pipeline.metadata import read_png_parameters
 from ldm.cli.txt2img import main
 from ldm.loading import load_model
 from ldm.models.diffusion.noise import ImageNoise

@@ -26,8 +26,8 @@ from checkpoint_factory import TEST_CONFIGS, make_tiny_checkpoint
 from decoder_statistics import exact_statistics
 from image_files import pixels
 from ldm.checkpoints import read_checkpoint, read_shapes
-from ldm.cli.images import to_uint8
-from ldm.cli.img2img import image_to_tensor
+from ldm.pipeline.decoding import to_uint8
+from ldm.pipeline.images import image_to_tensor
 from ldm.cli.upscale import main
 from ldm.loading import CONFIG_DIR, detect_family, load_config, load_model, parameters_on_meta, resolve_config
 from ldm.models.diffusion.noise import ImageNoise
