@@ -162,3 +162,22 @@ def test_no_pipeline_function_runs_past_50_lines():
                 if length >= 50:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, long
+
+
+def test_a_size_the_refiner_cannot_take_is_refused_before_loading(tiny_xl_checkpoints, tmp_path, monkeypatch):
+    """The tiny base takes 32x32, its refiner (a deeper UNet) only multiples of 64: refused up front, not mid-run."""
+    import ldm.pipeline.pipeline as pipeline_module
+    from ldm.pipeline import Refiner
+
+    import shutil
+
+    from checkpoint_factory import TEST_CONFIGS
+
+    monkeypatch.setattr(pipeline_module, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    shutil.copy(tiny_xl_checkpoints["xl-refiner"], tmp_path / "tiny-refiner.safetensors")
+    shutil.copy(TEST_CONFIGS / "tiny-xl-refiner.yaml", tmp_path / "tiny-refiner.yaml")  # found beside the file
+    refiner = Refiner(str(tmp_path / "tiny-refiner.safetensors"))
+    base = str(tiny_xl_checkpoints["xl"]), str(TEST_CONFIGS / "tiny-xl.yaml")
+    with pytest.raises(UsageError, match=r"--refiner .*: H 32 does not fit this model: sizes must be multiples of 64"):
+        Pipeline.check(*base, addons=[refiner], requests=[Request("a", sampler="euler", height=32, width=32)])
+    Pipeline.check(*base, addons=[refiner], requests=[Request("a", sampler="euler", height=64, width=64)])

@@ -14,12 +14,13 @@ import torch
 
 from ldm import optimize
 from ldm.checkpoints import CheckpointError, read_shapes
-from ldm.loading import LoadError, check_loadable, detect_family, load_model
+from ldm.loading import LoadError, check_loadable, detect_family, load_config, load_model, resolve_config
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.refiner_handoff import resolves_handoff, sample_with_refiner
 from ldm.pipeline.addons.base import AddOn, SampleCall
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.metadata import ExtraField
+from ldm.pipeline.model_info import check_against_model
 
 if TYPE_CHECKING:
     from ldm.pipeline.pipeline import Pipeline, Setup
@@ -64,7 +65,12 @@ class Refiner(AddOn):
                              f"{family or 'not a model the loader reads'}): pass sd_xl_refiner_1.0.safetensors")
         try:
             check_loadable(self.path)
+            refiner_config = load_config(resolve_config(self.path))
         except LoadError as error:
+            raise UsageError(f"--refiner {self.path}: {error}") from None
+        try:
+            check_against_model(requests, refiner_config)  # the refiner's UNet must take every size too
+        except UsageError as error:
             raise UsageError(f"--refiner {self.path}: {error}") from None
         if setup.options.offload:
             raise UsageError(f"--refiner cannot be combined with --offload {setup.options.offload} yet: leave one "
