@@ -181,3 +181,16 @@ def test_a_size_the_refiner_cannot_take_is_refused_before_loading(tiny_xl_checkp
     with pytest.raises(UsageError, match=r"--refiner .*: H 32 does not fit this model: sizes must be multiples of 64"):
         Pipeline.check(*base, addons=[refiner], requests=[Request("a", sampler="euler", height=32, width=32)])
     Pipeline.check(*base, addons=[refiner], requests=[Request("a", sampler="euler", height=64, width=64)])
+
+
+def test_a_request_from_an_images_infotext_makes_that_image_again(pipeline, tmp_path):
+    from ldm.pipeline.metadata import parameters_text
+
+    request = Request("a blue square", "red, (dull:1.2)", seed=1234, steps=3, sampler="euler_a", scale=6.5,
+                      height=32, width=64, eta=0.5, prompt_weighting=True)
+    made = pipeline(request)
+    again = Request.from_infotext(parameters_text(made.records[0]))
+    assert again == request
+    assert np.array_equal(pipeline(again).pixels, made.pixels)
+    with pytest.raises(UsageError, match="infotext: Steps 'x' is not a number"):
+        Request.from_infotext("a cat\nSteps: x, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64")

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ldm.models.diffusion import samplers
 from ldm.pipeline.errors import UsageError
+from ldm.pipeline.metadata import parse_parameters_text
 
 MAX_SEED = 2**32 - 1  # numpy's RandomState and other tools take 32-bit seeds; staying inside keeps seeds portable
 MAX_STEPS = 1000  # the models' number of training timesteps
@@ -108,7 +109,7 @@ class Request:
     height: int | None = None
     width: int | None = None
     prompt_weighting: bool = False
-    where: str = "request"
+    where: str = field(default="request", compare=False)  # names the request's source in messages
 
     def __post_init__(self) -> None:
         seeds = tuple(int(seed) for seed in self.seeds) if self.seeds is not None else \
@@ -150,6 +151,21 @@ class Request:
         if self.height is None or self.width is None:
             raise ValueError("the request has no size yet: the pipeline fills in the model's own")
         return self.height, self.width
+
+    @classmethod
+    def from_infotext(cls, text: str, where: str = "infotext") -> "Request":
+        """The request an image's "parameters" text (AUTOMATIC1111's infotext, as this tool writes it) describes:
+        prompt, negative prompt, seed, steps, sampler, CFG scale, size, eta and prompt weighting."""
+        try:
+            fields = parse_parameters_text(text)
+        except ValueError as error:
+            raise UsageError(f"{where}: {error}") from None
+        values = {"prompt": fields["prompt"], "negative_prompt": fields["negative_prompt"],
+                  "prompt_weighting": bool(fields.get("prompt_weighting", False)), "where": where}
+        names = {"seed": "seed", "steps": "steps", "sampler": "sampler", "scale": "scale", "eta": "eta", "H": "height",
+                 "W": "width"}
+        values.update((name, fields[key]) for key, name in names.items() if key in fields)
+        return cls(**values)
 
     def replace(self, **changes: Any) -> "Request":
         """A checked copy with `changes` (seeds, prompts and negative prompts keep their per-image values)."""
