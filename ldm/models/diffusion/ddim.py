@@ -1,27 +1,39 @@
-"""DDIM sampling (Song et al. 2021, "Denoising Diffusion Implicit Models") behind the CompVis `DDIMSampler` API.
+"""DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models") as a function over a VP-space eps model, and the
+CompVis `DDIMSampler` API on top of it.
 
-`DiscreteTimeSampler` holds what DDIM and PLMS share in CompVis: the subset of DDPM timesteps, the per-step schedule
-arrays, the sampling loop with its callbacks, masking and logging, and the DDIM update; subclasses decide which eps
-each step feeds that update.
+`sample_ddim(model, x, timesteps, alphas, extra_args, callback, disable, **knobs)` is shaped like the k-diffusion
+samplers, in the variance-preserving variable CompVis samples in: `x` is x_t at the first of the descending integer
+`timesteps`, and step i goes from alphas_cumprod `alphas[i]` (that of `timesteps[i]`) to `alphas[i + 1]` (the last is
+alphas_cumprod[0], not 1, as in CompVis). `model(x, t [B], **extra_args)` returns `(eps, denoised)`: the noise
+prediction and, where the model's parameterization gives one directly (v), its own clean estimate; None means "derive
+it from eps" (x0 = (x - sqrt(1 - a) eps) / sqrt(a)). Randomness comes only from `randn_like(x)`.
+
+`DiscreteTimeSampler` holds what DDIM and PLMS share in CompVis: the subset of DDPM timesteps and the per-step schedule
+arrays (from `NoiseSchedule`), the model adapter `GuidedEpsModel`, argument checks, callbacks and the logged
+intermediates; subclasses name the function that runs the steps.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import trange
 
 from ldm.models.diffusion.guidance import conditioning_batch_size, guided_model_output
 from ldm.models.diffusion.noise import ImageNoise
-from ldm.models.diffusion.schedule import NoiseSchedule, make_ddim_timesteps
+from ldm.models.diffusion.schedule import NoiseSchedule, ddim_coefficients, make_ddim_timesteps
 
 logger = logging.getLogger(__name__)
 
 PARAMETERIZATIONS = ("eps", "v")
+
+EpsModel = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+RandnLike = Callable[[torch.Tensor], torch.Tensor]
+Callback = Callable[[dict[str, Any]], None]
+DenoisedTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def norm_thresholding(x0: torch.Tensor, value: float) -> torch.Tensor:
@@ -30,23 +42,149 @@ def norm_thresholding(x0: torch.Tensor, value: float) -> torch.Tensor:
     return x0 * (value / rms).reshape(-1, *([1] * (x0.ndim - 1)))
 
 
-@dataclass
-class StepOptions:
-    """The per-run knobs of a CompVis `sample` call that every step reads."""
+# --- the pieces of a step, shared with PLMS (all coefficients are 0-d tensors of one step) ---------------------------
+def check_step_sequence(timesteps: Sequence[int], alphas: torch.Tensor) -> None:
+    """ValueError unless there is one alphas_cumprod per timestep plus the one the last step goes to."""
+    if len(timesteps) < 1 or alphas.ndim != 1 or alphas.shape[0] != len(timesteps) + 1:
+        raise ValueError(f"{len(timesteps)} timesteps need {len(timesteps) + 1} alphas (one per step plus the one "
+                         f"the last step goes to), got shape {tuple(alphas.shape)}")
 
-    unconditional_conditioning: Any = None
-    quantize_x0: bool = False
-    temperature: float = 1.0
-    noise_dropout: float = 0.0
-    score_corrector: Any = None
-    corrector_kwargs: dict | None = None
-    dynamic_threshold: float | None = None
+
+def pred_x0_from_eps(x: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor,
+                     sqrt_one_minus_alpha: torch.Tensor) -> torch.Tensor:
+    """x0 = (x - sqrt(1 - a) eps) / sqrt(a)."""
+    return (x - sqrt_one_minus_alpha * eps) / alpha.sqrt()
+
+
+def ddim_step(eps: torch.Tensor, pred_x0: torch.Tensor, alpha_next: torch.Tensor,
+              sigma: torch.Tensor) -> torch.Tensor:
+    """Eq. 12 of the DDIM paper without its noise term: sqrt(a_next) x0 + sqrt(1 - a_next - sigma^2) eps."""
+    return alpha_next.sqrt() * pred_x0 + (1.0 - alpha_next - sigma**2).sqrt() * eps
+
+
+def keep_known(x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor,
+               sqrt_one_minus_alpha: torch.Tensor, randn_like: RandnLike) -> torch.Tensor:
+    """`x` with the known latents `x0` noised to the forward process's marginal at alpha where `mask` is 1."""
+    known = alpha.sqrt() * x0 + sqrt_one_minus_alpha * randn_like(x0)
+    return known * mask + (1.0 - mask) * x
+
+
+def step_noise(x: torch.Tensor, randn_like: RandnLike, temperature: float, noise_dropout: float) -> torch.Tensor:
+    """Unit noise like `x` times `temperature`, with a fraction `noise_dropout` of it dropped (CompVis' knobs)."""
+    z = randn_like(x) * temperature
+    if noise_dropout > 0:
+        # dropout whose mask also comes from the noise source: P(normal > ndtri(p)) = 1 - p
+        keep = randn_like(x) > NormalDist().inv_cdf(noise_dropout)
+        z = z * keep / (1.0 - noise_dropout)
+    return z
+
+
+def require_randn_like(randn_like: RandnLike | None, sampler: str) -> RandnLike:
+    if randn_like is None:
+        raise ValueError(f"{sampler} draws noise (eta > 0 or a mask) but was given no randn_like: pass "
+                         "randn_like=ImageNoise(seeds).randn_like")
+    return randn_like
+
+
+@torch.no_grad()
+def sample_ddim(model: EpsModel, x: torch.Tensor, timesteps: Sequence[int], alphas: torch.Tensor,
+                extra_args: dict | None = None, callback: Callback | None = None, disable: bool | None = None,
+                eta: float = 0.0, randn_like: RandnLike | None = None, temperature: float = 1.0,
+                noise_dropout: float = 0.0, denoised_transform: DenoisedTransform | None = None,
+                mask: torch.Tensor | None = None, x0: torch.Tensor | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) down the descending `timesteps`; eta = 0 is deterministic, eta = 1 has DDPM's
+    posterior variance (eq. 16).
+
+    `denoised_transform` is applied to every clean estimate before it is used (CompVis' quantize_x0 and
+    dynamic_threshold). Where `mask` is 1, each step first resets x to the known latents `x0` noised to that step's
+    marginal (CompVis' masked sampling). `callback` receives {"x", "i", "t", "denoised"} after each step, "x" being
+    the latents it made.
+    """
+    check_step_sequence(timesteps, alphas)
+    extra_args = extra_args or {}
+    coefficients = ddim_coefficients(alphas[:-1], alphas[1:], eta)
+    if eta > 0 or mask is not None:
+        randn_like = require_randn_like(randn_like, "sample_ddim")
+    for i in trange(len(timesteps), disable=disable):
+        alpha, sqrt_one_minus_alpha = coefficients.alphas[i], coefficients.sqrt_one_minus_alphas[i]
+        if mask is not None:
+            x = keep_known(x, x0, mask, alpha, sqrt_one_minus_alpha, randn_like)
+        t = torch.full((x.shape[0],), timesteps[i], device=x.device, dtype=torch.long)
+        eps, denoised = model(x, t, **extra_args)
+        if denoised is None:
+            denoised = pred_x0_from_eps(x, eps, alpha, sqrt_one_minus_alpha)
+        if denoised_transform is not None:
+            denoised = denoised_transform(denoised)
+        x_next = ddim_step(eps, denoised, coefficients.alphas_prev[i], coefficients.sigmas[i])
+        if eta > 0:  # a host-side test: eta = 0 draws nothing, so the noise streams stay aligned
+            x_next = x_next + coefficients.sigmas[i] * step_noise(x, randn_like, temperature, noise_dropout)
+        x = x_next
+        if callback is not None:
+            callback({"x": x, "i": i, "t": timesteps[i], "denoised": denoised})
+    return x
+
+
+class GuidedEpsModel:
+    """A CompVis model (`apply_model`, `parameterization`) as the `EpsModel` of `sample_ddim` and `sample_plms`, under
+    classifier-free guidance: `model(x, t, cond=..., uncond=..., cond_scale=...) -> (eps, denoised)`.
+
+    v-models convert with the model's own schedule buffers (`predict_eps_from_z_and_v`, `predict_start_from_z_and_v`),
+    as CompVis does; eps models return denoised None. A CompVis `score_corrector` modifies eps.
+    """
+
+    def __init__(self, model: Any, score_corrector: Any = None, corrector_kwargs: dict | None = None):
+        self.model = model
+        self.score_corrector = score_corrector
+        self.corrector_kwargs = corrector_kwargs or {}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None, uncond: Any = None,
+                 cond_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        output = guided_model_output(self.model, x, t, cond, uncond, cond_scale)
+        denoised = None
+        eps = output
+        if self.model.parameterization == "v":
+            eps = self.model.predict_eps_from_z_and_v(x, t, output)
+            denoised = self.model.predict_start_from_z_and_v(x, t, output)
+        if self.score_corrector is not None:
+            eps = self.score_corrector.modify_score(self.model, eps, x, t, cond, **self.corrector_kwargs)
+        return eps, denoised
+
+
+class CompVisProgress:
+    """The CompVis side of a run of a step function: each step's guidance scale (`scales`, CompVis' ucg_schedule),
+    `callback(i)` and `img_callback(pred_x0, i)` after each step, and `intermediates`, {"x_inter": [...],
+    "pred_x0": [...]} logged every `log_every_t` steps counted from the end, and after the first."""
+
+    def __init__(self, x_T: torch.Tensor, scales: list[float], callback: Callable[[int], None] | None = None,
+                 img_callback: Callable[[torch.Tensor, int], None] | None = None, log_every_t: int = 100):
+        self.scales, self.callback, self.img_callback, self.log_every_t = scales, callback, img_callback, log_every_t
+        self.intermediates = {"x_inter": [x_T], "pred_x0": [x_T]}
+        self.step = 0
+
+    def guided(self, model: Callable[..., Any]) -> Callable[..., Any]:
+        """`model` called with the guidance scale of the step the run is at."""
+        def at_step_scale(x: torch.Tensor, t: torch.Tensor, **extra: Any) -> Any:
+            return model(x, t, cond_scale=self.scales[self.step], **extra)
+        return at_step_scale
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        """The step functions' callback: {"x": the step's result, "i", "denoised"}."""
+        i, steps = info["i"], len(self.scales)
+        self.step = i + 1
+        if self.callback is not None:
+            self.callback(i)
+        if self.img_callback is not None:
+            self.img_callback(info["denoised"], i)
+        index = steps - i - 1
+        if index % self.log_every_t == 0 or index == steps - 1:
+            self.intermediates["x_inter"].append(info["x"])
+            self.intermediates["pred_x0"].append(info["denoised"])
 
 
 class DiscreteTimeSampler:
     """CompVis-style sampler over a subset of the model's DDPM timesteps; see the module docstring."""
 
-    progress_label = "Sampler"
+    sampler_function: Callable[..., torch.Tensor]  # sample_ddim or sample_plms
 
     def __init__(self, model: Any, schedule: str = "linear", device: torch.device | str | None = None, **kwargs: Any):
         # `schedule` and `device` keep CompVis call sites working; the schedule tensors live where the model's buffers
@@ -103,11 +241,12 @@ class DiscreteTimeSampler:
         noise = noise if noise is not None else ImageNoise.from_global_rng(batch_size)
         if x_T is None:
             x_T = noise.randn((batch_size, *shape), device=self.alphas_cumprod.device)
-        options = StepOptions(unconditional_conditioning, quantize_x0, temperature, noise_dropout, score_corrector,
-                              corrector_kwargs, dynamic_threshold)
-        return self._sampling_loop(conditioning, x_T, list(self.ddim_timesteps), scales, options, noise,
-                                   mask=mask, x0=x0, callback=callback, img_callback=img_callback,
-                                   log_every_t=log_every_t, desc=self.progress_label, verbose=verbose)
+        knobs = {"temperature": temperature, "noise_dropout": noise_dropout,
+                 "denoised_transform": self._denoised_transform(quantize_x0, dynamic_threshold), "mask": mask,
+                 "x0": x0}
+        return self._run(GuidedEpsModel(self.model, score_corrector, corrector_kwargs), conditioning,
+                         unconditional_conditioning, x_T, len(self.ddim_timesteps), scales, noise, knobs, callback,
+                         img_callback, log_every_t, verbose)
 
     def _check_inputs(self, batch_size: int, conditioning: Any, unconditional_conditioning: Any,
                       mask: torch.Tensor | None, x0: torch.Tensor | None, score_corrector: Any,
@@ -139,94 +278,46 @@ class DiscreteTimeSampler:
                              "give one guidance scale per step")
         return list(ucg_schedule)
 
-    def _sampling_loop(self, cond: Any, x: torch.Tensor, timesteps: list[int], scales: list[float],
-                       options: StepOptions, noise: ImageNoise, mask: torch.Tensor | None = None,
-                       x0: torch.Tensor | None = None, callback: Callable[[int], None] | None = None,
-                       img_callback: Callable[[torch.Tensor, int], None] | None = None, log_every_t: int = 100,
-                       desc: str = "Sampler", verbose: bool = True) -> tuple[torch.Tensor, dict]:
-        """Step from the last of `timesteps` down to the first; step i uses schedule entry `len(timesteps) - i - 1`."""
-        total = len(timesteps)
-        descending = timesteps[::-1]
-        intermediates = {"x_inter": [x], "pred_x0": [x]}
-        state = self._new_run_state()
-        for i, step in enumerate(tqdm(descending, desc=desc, total=total, disable=not verbose)):
-            index = total - i - 1
-            t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            t_next = torch.full((x.shape[0],), descending[min(i + 1, total - 1)], device=x.device, dtype=torch.long)
-            if mask is not None:
-                # keep the known region on the forward process's marginal at this step
-                known = (self.ddim_alphas[index].sqrt() * x0
-                         + self.ddim_sqrt_one_minus_alphas[index] * noise.randn_like(x0))
-                x = known * mask + (1.0 - mask) * x
-            x, pred_x0 = self._step(x, cond, t, t_next, index, scales[i], options, noise, state)
-            if callback is not None:
-                callback(i)
-            if img_callback is not None:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(x)
-                intermediates["pred_x0"].append(pred_x0)
-        return x, intermediates
+    def _denoised_transform(self, quantize_x0: bool, dynamic_threshold: float | None) -> DenoisedTransform | None:
+        if not quantize_x0 and dynamic_threshold is None:
+            return None
 
-    # --- pieces of a step -------------------------------------------------------------------------------------------
-    def _new_run_state(self) -> Any:
-        return None
+        def transform(pred_x0: torch.Tensor) -> torch.Tensor:
+            if quantize_x0:
+                pred_x0, *_ = self.model.first_stage_model.quantize(pred_x0)
+            if dynamic_threshold is not None:
+                pred_x0 = norm_thresholding(pred_x0, dynamic_threshold)
+            return pred_x0
+        return transform
 
-    def _step(self, x: torch.Tensor, cond: Any, t: torch.Tensor, t_next: torch.Tensor, index: int, scale: float,
-              options: StepOptions, noise: ImageNoise, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    def _run(self, eps_model: GuidedEpsModel, cond: Any, uncond: Any, x: torch.Tensor, steps: int,
+             scales: list[float], noise: ImageNoise, knobs: dict[str, Any],
+             callback: Callable[[int], None] | None = None,
+             img_callback: Callable[[torch.Tensor, int], None] | None = None, log_every_t: int = 100,
+             verbose: bool = True) -> tuple[torch.Tensor, dict]:
+        """`sampler_function` over the first `steps` scheduled timesteps, from the last of them down: step i uses
+        schedule entry `steps - i - 1` and guidance scale `scales[i]`."""
+        timesteps = [int(step) for step in self.ddim_timesteps[:steps][::-1]]
+        # alphas_cumprod of each step, then of where the last step goes (alphas_cumprod[0])
+        alphas = torch.cat([self.ddim_alphas[:steps].flip(0), self.ddim_alphas_prev[:1]])
+        progress = CompVisProgress(x, scales, callback, img_callback, log_every_t)
+        x = self.sampler_function(progress.guided(eps_model), x, timesteps, alphas,
+                                  extra_args={"cond": cond, "uncond": uncond}, callback=progress, disable=not verbose,
+                                  randn_like=noise.randn_like, **self._function_knobs(knobs))
+        return x, progress.intermediates
 
-    def _model_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Any, scale: float,
-                   options: StepOptions) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps, raw model output) of the guided model at (x, t)."""
-        output = guided_model_output(self.model, x, t, cond, options.unconditional_conditioning, scale)
-        eps = self.model.predict_eps_from_z_and_v(x, t, output) if self.model.parameterization == "v" else output
-        if options.score_corrector is not None:
-            eps = options.score_corrector.modify_score(self.model, eps, x, t, cond, **(options.corrector_kwargs or {}))
-        return eps, output
-
-    def _pred_x0_from_eps(self, x: torch.Tensor, eps: torch.Tensor, index: int) -> torch.Tensor:
-        return (x - self.ddim_sqrt_one_minus_alphas[index] * eps) / self.ddim_alphas[index].sqrt()
-
-    def _finish_pred_x0(self, pred_x0: torch.Tensor, options: StepOptions) -> torch.Tensor:
-        if options.quantize_x0:
-            pred_x0, *_ = self.model.first_stage_model.quantize(pred_x0)
-        if options.dynamic_threshold is not None:
-            pred_x0 = norm_thresholding(pred_x0, options.dynamic_threshold)
-        return pred_x0
-
-    def _ddim_update(self, x: torch.Tensor, eps: torch.Tensor, pred_x0: torch.Tensor, index: int,
-                     options: StepOptions, noise: ImageNoise) -> torch.Tensor:
-        """Eq. 12 of the DDIM paper: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z."""
-        alpha_prev, sigma = self.ddim_alphas_prev[index], self.ddim_sigmas[index]
-        x_prev = alpha_prev.sqrt() * pred_x0 + (1.0 - alpha_prev - sigma**2).sqrt() * eps
-        if self.ddim_eta > 0:  # a host-side test: eta = 0 draws nothing, so the noise streams stay aligned
-            x_prev = x_prev + sigma * self._step_noise(x, options, noise)
-        return x_prev
-
-    def _step_noise(self, x: torch.Tensor, options: StepOptions, noise: ImageNoise) -> torch.Tensor:
-        z = noise.randn_like(x) * options.temperature
-        if options.noise_dropout > 0:
-            # dropout whose mask also comes from the per-image streams: P(normal > ndtri(p)) = 1 - p
-            keep = noise.randn_like(x) > NormalDist().inv_cdf(options.noise_dropout)
-            z = z * keep / (1.0 - options.noise_dropout)
-        return z
+    def _function_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:
+        """The knobs `sampler_function` takes, from those of a CompVis `sample` call."""
+        return knobs
 
 
 class DDIMSampler(DiscreteTimeSampler):
     """DDIM over CompVis's timestep subset; eta > 0 adds the DDIM paper's stochasticity (eta = 1 is DDPM-like)."""
 
-    progress_label = "DDIM Sampler"
+    sampler_function = staticmethod(sample_ddim)
 
-    def _step(self, x: torch.Tensor, cond: Any, t: torch.Tensor, t_next: torch.Tensor, index: int, scale: float,
-              options: StepOptions, noise: ImageNoise, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        eps, output = self._model_eps(x, t, cond, scale, options)
-        if self.model.parameterization == "v":
-            pred_x0 = self.model.predict_start_from_z_and_v(x, t, output)
-        else:
-            pred_x0 = self._pred_x0_from_eps(x, eps, index)
-        pred_x0 = self._finish_pred_x0(pred_x0, options)
-        return self._ddim_update(x, eps, pred_x0, index, options, noise), pred_x0
+    def _function_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:
+        return {**knobs, "eta": self.ddim_eta}
 
     # --- img2img ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -263,8 +354,7 @@ class DDIMSampler(DiscreteTimeSampler):
             raise ValueError(f"t_start must be between 1 and {len(self.ddim_timesteps)} (the scheduled steps), "
                              f"got {t_start}")
         noise = noise if noise is not None else ImageNoise.from_global_rng(x_latent.shape[0])
-        options = StepOptions(unconditional_conditioning=unconditional_conditioning)
-        timesteps = list(self.ddim_timesteps[:t_start])
-        samples, _ = self._sampling_loop(cond, x_latent, timesteps, [unconditional_guidance_scale] * t_start,
-                                         options, noise, callback=callback, desc="Decoding image", verbose=verbose)
+        samples, _ = self._run(GuidedEpsModel(self.model), cond, unconditional_conditioning, x_latent, t_start,
+                               [unconditional_guidance_scale] * t_start, noise, {}, callback=callback,
+                               verbose=verbose)
         return samples

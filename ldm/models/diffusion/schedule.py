@@ -85,6 +85,12 @@ class DDIMCoefficients:
     sigmas: torch.Tensor
 
 
+def ddim_coefficients(alphas: torch.Tensor, alphas_prev: torch.Tensor, eta: float) -> DDIMCoefficients:
+    """The DDIM coefficients of steps from alphas_cumprod `alphas` to `alphas_prev` (elementwise, any order)."""
+    sigmas = eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)).sqrt()
+    return DDIMCoefficients(alphas, alphas_prev, (1.0 - alphas).sqrt(), sigmas)
+
+
 class NoiseSchedule:
     """One discrete DDPM noise schedule, `alphas_cumprod` [T] decreasing with the timestep, in the views the
     samplers read (see the module docstring)."""
@@ -173,10 +179,8 @@ class NoiseSchedule:
         to alphas_cumprod[0], not to 1. eta = 1 is DDPM's posterior variance, eta = 0 the deterministic sampler."""
         alphas_cumprod = self.alphas_cumprod
         index = torch.tensor(timesteps, device=alphas_cumprod.device)
-        alphas = alphas_cumprod[index]
-        alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[index[:-1]]])
-        sigmas = eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)).sqrt()
-        return DDIMCoefficients(alphas, alphas_prev, (1.0 - alphas).sqrt(), sigmas)
+        return ddim_coefficients(alphas_cumprod[index], torch.cat([alphas_cumprod[:1], alphas_cumprod[index[:-1]]]),
+                                 eta)
 
     # --- DPM-Solver's continuous time ---------------------------------------------------------------------------------
     @cached_property
