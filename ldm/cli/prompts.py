@@ -14,8 +14,6 @@ from typing import Any, Mapping
 
 import yaml
 
-from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
-from ldm.modules.encoders.prompt_weighting import has_weighting_syntax, parse_prompt_attention
 from ldm.pipeline.metadata import INFO_KEYS, PromptFileError, checked_info
 
 # Per-prompt settings a line may override, with the type each must have.
@@ -114,37 +112,3 @@ def read_prompt_file(path: str) -> list[PromptJob]:
     if not jobs:
         raise PromptFileError(f"prompt file {path} has no prompts (blank lines and # comments are skipped)")
     return jobs
-
-
-def _shorten(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def truncation_notes(prompts: list[str], context_length: int = 77, tokenizer: Any = None) -> list[str]:
-    """One line per distinct prompt longer than the text encoder reads (context_length - 2 tokens: start and end
-    take two), naming the words it drops, as the model would otherwise ignore them silently. `tokenizer`: one that
-    knows the run's embeddings (default: plain CLIP)."""
-    tokenizer, room, notes = tokenizer or CLIPTokenizer(), context_length - 2, []
-    for prompt in dict.fromkeys(prompts):
-        ids = tokenizer.encode(prompt)
-        if len(ids) > room:
-            notes.append(f"prompt \"{_shorten(prompt)}\" has {len(ids)} tokens but the text encoder reads {room}: "
-                         f"\"{_shorten(tokenizer.decode(ids[room:]))}\" is ignored")
-    return notes
-
-
-def weighting_notes(prompts: list[str], weighting: bool) -> list[str]:
-    """With --prompt_weighting, none, after checking that every prompt can be read with weights (ValueError naming
-    the first that cannot); without, one note for the run if a prompt uses A1111's weighting syntax."""
-    if weighting:
-        for prompt in dict.fromkeys(prompts):
-            for text, weight in parse_prompt_attention(prompt):
-                if weight is not None and not math.isfinite(weight):  # a weight like (word:1e400), or nested ones
-                    raise ValueError(f"the weight of \"{_shorten(text)}\" in prompt \"{_shorten(prompt)}\" "
-                                     f"overflows to {weight}: use weights such as (word:1.2)")
-        return []
-    marked = next((prompt for prompt in dict.fromkeys(prompts) if has_weighting_syntax(prompt)), None)
-    if marked is None:
-        return []
-    return [f"prompt \"{_shorten(marked)}\" uses A1111 weighting syntax ((word), [word], (word:1.2), BREAK), which "
-            f"is read as plain text: pass --prompt_weighting to read it as weights"]

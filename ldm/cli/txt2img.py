@@ -17,11 +17,24 @@ from tqdm import tqdm
 from ldm.checkpoints import CheckpointError
 from ldm.cli.arguments import check_counts, lora_specs, parse_args
 from ldm.cli.images import MissingDependency, Watermarker, make_grid
-from ldm.cli.outputs import (GRID_DIGITS, SAMPLE_DIGITS, next_grid_number, next_sample_number, replace_file,
-                             write_new_file)
-from ldm.cli.plan import (RunPlan, apply_compat_flags, check_files, fill_model_defaults, peek_config, plan_batches,
-                          read_jobs)
-from ldm.cli.prompts import PromptFileError, truncation_notes, weighting_notes
+from ldm.cli.outputs import (
+    GRID_DIGITS,
+    SAMPLE_DIGITS,
+    next_grid_number,
+    next_sample_number,
+    replace_file,
+    write_new_file,
+)
+from ldm.cli.plan import (
+    RunPlan,
+    apply_compat_flags,
+    check_files,
+    fill_model_defaults,
+    peek_config,
+    plan_batches,
+    read_jobs,
+)
+from ldm.cli.prompts import PromptFileError
 from ldm.cli.safety import SafetyChecker
 from ldm.cli.summary import RunSummary
 from ldm.loading import LoadError
@@ -74,7 +87,6 @@ class Shell:
                                     requests=self.requests, options=options_from_flags(opt), note=self.note,
                                     info=info)
         check_latent_flags(opt.f, opt.C, self.setup.config)
-        self.note_prompts()
         self.watermarker = Watermarker() if opt.watermark else None
         self.safety_checker = self.make_safety_checker()
         self.summary = RunSummary(self.setup.device, self.setup.dtype, started=started)
@@ -138,18 +150,6 @@ class Shell:
     # --- messages --------------------------------------------------------------------------------------------------
     def note(self, message: str) -> None:
         print(f"{self.prog}: note: {message}", file=sys.stderr, flush=True)
-
-    def note_prompts(self) -> None:
-        """Prompts read with weighting syntax as plain text, and prompts past the 75 tokens the encoder reads."""
-        texts = [text for request in self.requests for text in (*request.prompts, *request.negative_prompts)]
-        try:
-            notes = weighting_notes(texts, self.opt.prompt_weighting)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        if not self.opt.prompt_weighting:  # weighted prompts are encoded in chunks, so nothing is cut
-            notes = truncation_notes(texts, tokenizer=self.embeddings.tokenizer) + notes
-        for message in notes:
-            self.note(message)
 
     def note_recorded_differences(self) -> None:
         """--metadata_from: name what this run does differently from the recorded image."""

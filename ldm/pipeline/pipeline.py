@@ -27,11 +27,13 @@ from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import sample
 from ldm.modules.encoders.prompt_weighting import weighted_conditioning
 from ldm.pipeline.addons.base import AddOn, SampleCall
+from ldm.pipeline.addons.embeddings import Embeddings
 from ldm.pipeline.decoding import decode_to_pixels, free_accelerator_memory, run_in_sub_batches
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.memory import check_weights_fit, out_of_memory_advice, weight_bytes_by_part
 from ldm.pipeline.metadata import ExtraField, ImageRecord
 from ldm.pipeline.model_info import check_against_model, model_defaults, refuse_inpainting, refuse_upscaler
+from ldm.pipeline.prompt_checks import prompt_notes
 from ldm.pipeline.request import Request
 
 Report = Callable[[str], None]
@@ -173,6 +175,9 @@ class Pipeline:
             addon.check(setup, requests)
         _check_speed_options(setup)
         _check_memory(setup)
+        embeddings = [addon for addon in setup.addons if isinstance(addon, Embeddings)]
+        for message in prompt_notes(requests, embeddings[0].tokenizer if embeddings else None):
+            note(message)
         return setup
 
     @classmethod
