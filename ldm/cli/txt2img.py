@@ -17,23 +17,10 @@ from tqdm import tqdm
 from ldm.checkpoints import CheckpointError
 from ldm.cli.arguments import check_counts, lora_specs, parse_args
 from ldm.cli.images import MissingDependency, Watermarker, make_grid
-from ldm.cli.outputs import (
-    GRID_DIGITS,
-    SAMPLE_DIGITS,
-    next_grid_number,
-    next_sample_number,
-    replace_file,
-    write_new_file,
-)
-from ldm.cli.plan import (
-    RunPlan,
-    apply_compat_flags,
-    check_files,
-    fill_model_defaults,
-    peek_config,
-    plan_batches,
-    read_jobs,
-)
+from ldm.cli.outputs import (GRID_DIGITS, SAMPLE_DIGITS, next_grid_number, next_sample_number, replace_file,
+                             write_new_file)
+from ldm.cli.plan import (RunPlan, apply_compat_flags, check_files, fill_model_defaults, peek_config, plan_batches,
+                          read_jobs)
 from ldm.cli.prompts import PromptFileError
 from ldm.cli.safety import SafetyChecker
 from ldm.cli.summary import RunSummary
