@@ -83,8 +83,11 @@ def test_nan_that_fp32_cannot_fix_is_an_error_not_a_black_image():
         decode_to_pixels(FakeAutoencoderModel(nan_in_fp32=True), torch.zeros(1, 4, 1, 1), lambda text: None)
     latents = torch.zeros(1, 4, 1, 1)
     latents[0, 0, 0, 0] = float("inf")
-    with pytest.raises(GenerationError, match="NaN/inf latents in float32: run with --precision full"):
+    with pytest.raises(GenerationError, match="NaN/inf latents in float32, so precision is not the cause: the "
+                                              "checkpoint, --vae, --lora or --embeddings file may be damaged"):
         decode_to_pixels(FakeAutoencoderModel(), latents, lambda text: None)
+    with pytest.raises(GenerationError, match="NaN/inf latents in float16: run with --precision full"):
+        decode_to_pixels(FakeAutoencoderModel(), latents.half(), lambda text: None)
 
 
 def test_to_uint8_truncates_like_compvis_and_grid_matches_torchvision_layout():

@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
              "checkpoint's weights)")
     add("--ckpt", type=str, default=DEFAULT_CKPT, help="path to the checkpoint (.ckpt or .safetensors)")
     add("--seed", type=int, default=42, help="the seed of the run's first image (0..4294967295)")
-    add("--precision", type=str, choices=PRECISIONS, default="autocast",
-        help="evaluate at this precision: autocast/fp16 = half precision on GPUs (fp32 on the CPU), full = fp32")
+    add("--precision", type=str, choices=PRECISIONS, default=None,
+        help="evaluate at this precision: autocast/fp16 = half precision on GPUs (fp32 on the CPU), full = fp32 "
+             "on the CPU autocast is fp32, without a note (default: autocast)")
     # Stability's SD 2.x script.
     add("--repeat", type=int, default=1, help="render each prompt this often per iteration")
     add("--device", type=str, default=None, help="cuda, cuda:N, mps or cpu (default: the best available: cuda, "

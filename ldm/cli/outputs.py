@@ -76,27 +76,48 @@ def write_new_file(directory: str | os.PathLike, name_format: str, first_number:
 
     Returns the path and n. The file appears complete or not at all, and an existing file is never touched.
     """
+    paths, number = write_new_files(directory, name_format, first_number, {"": data})
+    return paths[0], number
+
+
+def write_new_files(directory: str | os.PathLike, name_format: str, first_number: int,
+                    data_by_suffix: dict[str, bytes]) -> tuple[list[Path], int]:
+    """Write each `data_by_suffix` entry to `directory/name_format.format(n) + suffix` for the first n >=
+    `first_number` at which every one of those names is free (an image and its sidecar share their number).
+
+    Each name is taken exclusively (a link, never through a symbolic link in its place); when a later name of the
+    set is taken meanwhile, the ones this call made are removed and the next number is tried. Returns the paths and
+    n.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    temporary = _write_temporary(directory, data)
+    temporaries = {suffix: _write_temporary(directory, data) for suffix, data in data_by_suffix.items()}
     number = first_number
     try:
         while True:
-            target = directory / name_format.format(number)
+            made: list[Path] = []
             try:
-                _publish(temporary, target)
-                return target, number
+                for suffix, temporary in temporaries.items():
+                    target = directory / (name_format.format(number) + suffix)
+                    _publish(temporary, target)
+                    made.append(target)
+                return made, number
             except FileExistsError:
+                for path in made:
+                    path.unlink(missing_ok=True)
                 number += 1
     finally:
-        temporary.unlink(missing_ok=True)
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
 
 
-def replace_file(path: str | os.PathLike, data: bytes) -> None:
-    """Atomically give `path` the content `data` (for a sidecar whose number the image already holds)."""
-    path = Path(path)
-    temporary = _write_temporary(path.parent, data)
+def can_create_file_in(directory: str | os.PathLike) -> bool:
+    """Whether a file can be created (and removed) in `directory`: tried, as permission bits do not tell (root,
+    /proc, read-only mounts)."""
+    probe = Path(directory) / f".txt2img-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        probe.unlink()
+    except OSError:
+        return False
+    return True

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.cli.arguments import DEFAULT_CKPT, sampler_from_flags
+from ldm.cli.outputs import can_create_file_in
 from ldm.cli.prompts import PromptFileError, PromptJob, job_from_mapping, read_prompt_file
 from ldm.loading import LoadError, load_config, resolve_config
 from ldm.pipeline.errors import UsageError
@@ -183,8 +184,8 @@ def check_outdir(outdir: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"--outdir {outdir} cannot be made: {existing} is a file, not a folder; pick another --outdir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--outdir {outdir}: {existing} is not writable for this user; pick another --outdir")
+    if not can_create_file_in(existing):  # a probe, not os.access: root passes access checks on /proc or read-only mounts
+        raise UsageError(f"--outdir {outdir}: files cannot be created in {existing}; pick another --outdir")
 
 
 def fill_model_defaults(opt: argparse.Namespace, config: Any | None) -> None:

@@ -16,6 +16,9 @@ import yaml
 
 from ldm.pipeline.metadata import INFO_KEYS, PromptFileError, checked_info
 
+MAX_PROMPT_FILE_BYTES = 16 << 20  # a prompt file of 16 MiB holds about 100,000 long prompts
+MAX_PROMPTS = 100_000  # per file: as many images as a run may make
+
 # Per-prompt settings a line may override, with the type each must have.
 OVERRIDE_TYPES: dict[str, tuple[type, ...]] = {
     "negative_prompt": (str,), "seed": (int,), "scale": (int, float), "steps": (int,), "H": (int,), "W": (int,),
@@ -57,13 +60,17 @@ def job_from_mapping(mapping: Mapping[str, Any], source: str, allow_empty: bool 
 
 def _read_text(path: Path) -> str:
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:  # bounded: /dev/zero or a stray checkpoint is not read whole
+            data = handle.read(MAX_PROMPT_FILE_BYTES + 1)
     except FileNotFoundError:
         raise PromptFileError(f"prompt file {path} does not exist") from None
     except IsADirectoryError:
         raise PromptFileError(f"prompt file {path} is a directory, not a file") from None
     except OSError as error:
         raise PromptFileError(f"cannot read prompt file {path}: {error.strerror or error}") from None
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise PromptFileError(f"prompt file {path} is larger than {MAX_PROMPT_FILE_BYTES >> 20} MiB: split it into "
+                              f"several files (or check that it is a prompt file)")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -111,4 +118,7 @@ def read_prompt_file(path: str) -> list[PromptJob]:
                 jobs.append(PromptJob(prompt=stripped, source=source))
     if not jobs:
         raise PromptFileError(f"prompt file {path} has no prompts (blank lines and # comments are skipped)")
+    if len(jobs) > MAX_PROMPTS:
+        raise PromptFileError(f"prompt file {path} has {len(jobs)} prompts, more than {MAX_PROMPTS}: split it into "
+                              f"several files")
     return jobs

@@ -17,8 +17,7 @@ from tqdm import tqdm
 from ldm.checkpoints import CheckpointError
 from ldm.cli.arguments import check_counts, lora_specs, parse_args
 from ldm.cli.images import MissingDependency, Watermarker, make_grid
-from ldm.cli.outputs import (GRID_DIGITS, SAMPLE_DIGITS, next_grid_number, next_sample_number, replace_file,
-                             write_new_file)
+from ldm.cli.outputs import GRID_DIGITS, SAMPLE_DIGITS, next_grid_number, next_sample_number, write_new_files
 from ldm.cli.plan import (RunPlan, apply_compat_flags, check_files, fill_model_defaults, peek_config, plan_batches,
                           read_jobs)
 from ldm.cli.prompts import PromptFileError
@@ -215,26 +214,27 @@ class Shell:
 
     # --- files -----------------------------------------------------------------------------------------------------
     def save_sample(self, pixels: np.ndarray, record: ImageRecord) -> Path:
-        metadata = None if self.opt.no_metadata else parameters_text(record)
         if self.next_sample is None:
             self.next_sample = next_sample_number(self.sample_dir)
-        path, number = write_new_file(self.sample_dir, f"{{:0{SAMPLE_DIGITS}d}}.png", self.next_sample,
-                                      encode_png(pixels, metadata))
+        paths, number = write_new_files(self.sample_dir, f"{{:0{SAMPLE_DIGITS}d}}", self.next_sample,
+                                        self.image_files(pixels, record, record.to_mapping()))
         self.next_sample = number + 1
-        if metadata is not None:  # the PNG holds the number, so the sidecar of that number is this run's
-            replace_file(path.with_suffix(".yaml"), sidecar_text(record.to_mapping()).encode("utf-8"))
-        self.saved.append(path)
-        return path
+        self.saved.append(paths[0])
+        return paths[0]
 
     def save_grid(self, grid_images: list[np.ndarray], first: ImageRecord, entries: list[dict[str, Any]]) -> Path:
         outdir = Path(self.opt.outdir)
         per_row = self.opt.n_rows if self.opt.n_rows > 0 else self.opt.n_samples
-        metadata = None if self.opt.no_metadata else parameters_text(first)
-        path, _ = write_new_file(outdir, f"grid-{{:0{GRID_DIGITS}d}}.png", next_grid_number(outdir),
-                                 encode_png(make_grid(grid_images, per_row), metadata))
-        if metadata is not None:
-            replace_file(path.with_suffix(".yaml"), sidecar_text({"images": entries}).encode("utf-8"))
-        return path
+        paths, _ = write_new_files(outdir, f"grid-{{:0{GRID_DIGITS}d}}", next_grid_number(outdir),
+                                   self.image_files(make_grid(grid_images, per_row), first, {"images": entries}))
+        return paths[0]
+
+    def image_files(self, pixels: np.ndarray, record: ImageRecord, sidecar: dict[str, Any]) -> dict[str, bytes]:
+        """{suffix: bytes}: the PNG (with its "parameters" text) and its .yaml sidecar; the PNG alone with
+        --no_metadata."""
+        if self.opt.no_metadata:
+            return {".png": encode_png(pixels, None)}
+        return {".png": encode_png(pixels, parameters_text(record)), ".yaml": sidecar_text(sidecar).encode("utf-8")}
 
     def writing(self, save: Callable[..., Path], *args: Any) -> Path:
         """`save(*args)`, with a full disk or a read-only folder reported in one line (earlier files stay)."""

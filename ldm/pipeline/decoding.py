@@ -23,7 +23,10 @@ def is_out_of_memory(error: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None)
     if oom_type is not None and isinstance(error, oom_type):
         return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()  # CPU: "DefaultCPUAllocator: can't allocate memory", MPS: "... out of memory"
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def free_accelerator_memory(device: torch.device) -> None:
@@ -56,6 +59,16 @@ def run_in_sub_batches(run: Callable[[list[Item]], Out], items: Sequence[Item], 
             + run_in_sub_batches(run, items[half:], on_retry, on_exhausted))
 
 
+def nan_latents_advice(dtype: torch.dtype) -> str:
+    """What helps when sampling made NaN/inf: more precision, unless the run already had it."""
+    if dtype == torch.float16:
+        return ("sampling produced NaN/inf latents in float16: run with --precision full (or --bf16 on hardware that "
+                "has it)")
+    return (f"sampling produced NaN/inf latents in {str(dtype).replace('torch.', '')}, so precision is not the cause: "
+            f"the checkpoint, --vae, --lora or --embeddings file may be damaged, or --scale too large; try without "
+            f"them, or a --scale below 15")
+
+
 def first_stage_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.first_stage_model.parameters()).dtype
 
@@ -68,8 +81,7 @@ def decode_to_pixels(model: torch.nn.Module, latents: torch.Tensor,
     rest of the run and the batch is decoded again. NaN latents, or NaN even in fp32, raise GenerationError.
     """
     if not torch.isfinite(latents).all():
-        raise GenerationError(f"sampling produced NaN/inf latents in {str(latents.dtype).replace('torch.', '')}: "
-                              f"run with --precision full (or --bf16 on hardware that has it)")
+        raise GenerationError(nan_latents_advice(latents.dtype))
     decoded = model.decode_first_stage(latents.to(first_stage_dtype(model)))
     pixels = to_uint8(decoded)
     broken = _broken(decoded, pixels)
