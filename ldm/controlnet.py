@@ -18,8 +18,7 @@ from torch import nn
 
 from cldm.cldm import ControlNet, control_residuals
 from ldm.checkpoints import CheckpointError, read_checkpoint
-from ldm.loading import LoadError, assign_weights, check_keys, load_config, parameters_on_meta
-from ldm.util import instantiate_from_config
+from ldm.loading import LoadError, assign_weights, check_keys, instantiate_on_meta, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "controlnet"
 CONTROL_PREFIX = "control_model."
@@ -104,8 +103,7 @@ def load_controlnet(path: str | os.PathLike, config: str | os.PathLike | None = 
     if "control_stage_config" not in params:
         raise LoadError(f"config {config_path} has no model.params.control_stage_config: pass a ControlNet yaml like "
                         f"{CONFIG_DIR / 'cldm_v15.yaml'}")
-    with parameters_on_meta():
-        controlnet = instantiate_from_config(params.control_stage_config)
+    controlnet = instantiate_on_meta(params.control_stage_config)
     if not isinstance(controlnet, ControlNet):
         raise LoadError(f"config {config_path} builds {type(controlnet).__name__}, not cldm.cldm.ControlNet")
     controlnet.global_average_pooling = bool(params.get("global_average_pooling", False))

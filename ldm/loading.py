@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import re
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ldm.checkpoints import CheckpointError, PageReleaser, read_checkpoint, read_shapes
 from ldm.util import instantiate_from_config
@@ -158,38 +158,58 @@ def load_config(path: str | os.PathLike) -> Any:
     return config
 
 
-# Initialisers that layers call from `reset_parameters`. On meta tensors they do nothing useful, and some of them
-# (normal_) import torch._dynamo on first use, which alone costs seconds; they are skipped for meta tensors.
-_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-                 "xavier_normal_", "orthogonal_", "constant_", "ones_", "zeros_")
+# Constructors that make tensors without data (uninitialised, constant or random): layers make their parameters with
+# these and then initialise them in place. Tensors made from data (torch.tensor of a schedule, arange, linspace) are
+# not among them: those are the buffers a model computes in its constructor.
+_DATA_FREE_CONSTRUCTORS = frozenset({torch.empty, torch.empty_strided, torch.empty_permuted, torch.zeros, torch.ones,
+                                     torch.full, torch.rand, torch.randn, torch.randint})
+# In-place initialisers, as torch functions (the nn.init ones that dispatch) and tensor methods. On meta tensors they
+# have nothing to do, and some (normal_) import torch._dynamo on first use for their meta kernel, which alone costs
+# seconds.
+_INITIALISERS = frozenset({
+    nn.init.uniform_, nn.init.normal_, nn.init.constant_, nn.init.kaiming_uniform_, torch.Tensor.uniform_,
+    torch.Tensor.normal_, torch.Tensor.fill_, torch.Tensor.zero_, torch.Tensor.random_, torch.Tensor.bernoulli_,
+    torch.Tensor.exponential_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.geometric_})
 
 
-def _skipping_meta(initialiser: Any) -> Any:
-    def initialise(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return tensor if tensor.is_meta else initialiser(tensor, *args, **kwargs)
-    return initialise
+class MetaParameters(TorchFunctionMode):
+    """While active (in this thread only, like `torch.device("meta")`), modules are built with their parameters on
+    the meta device and their computed buffers real.
+
+    Data-free constructors make meta tensors unless a device is named, and initialisers leave meta tensors alone:
+    nothing is allocated or randomly initialised. Tensors made from data stay on their device, so schedules computed
+    in constructors hold their values. A parameter made from data (a scalar `logit_scale`) stays real here;
+    `instantiate_on_meta` moves those to the meta device as well.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _DATA_FREE_CONSTRUCTORS:
+            if kwargs.get("device") is None:
+                kwargs["device"] = "meta"
+        elif func in _INITIALISERS:
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
 
-@contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Build modules with parameters on the meta device (no allocation, no random init); buffers stay real."""
-    register = nn.Module.register_parameter
-    initialisers = {name: getattr(nn.init, name) for name in _INITIALISERS}
+def parameters_on_meta() -> MetaParameters:
+    """`with parameters_on_meta(): model = ...` builds `model` with its parameters on the meta device (no
+    allocation, no random init) and its computed buffers real; see `MetaParameters`."""
+    return MetaParameters()
 
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
 
-    nn.Module.register_parameter = register_on_meta
-    for name, initialiser in initialisers.items():
-        setattr(nn.init, name, _skipping_meta(initialiser))
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-        for name, initialiser in initialisers.items():
-            setattr(nn.init, name, initialiser)
+def instantiate_on_meta(config: Any) -> nn.Module:
+    """`instantiate_from_config(config)` with every parameter on the meta device and every computed buffer real."""
+    with parameters_on_meta():
+        model = instantiate_from_config(config)
+    for name, parameter in [*model.named_parameters()]:
+        if not parameter.is_meta:  # made from data: its value comes from the checkpoint like the others'
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute,
+                    nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad))
+    return model
 
 
 def select_ema(state_dict: dict[str, torch.Tensor], use_ema: bool) -> dict[str, torch.Tensor]:
@@ -242,10 +262,12 @@ def _examples(keys: list[str], limit: int = 3) -> str:
 
 
 def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], config_name: str,
-               advice: str | None = None) -> dict[str, torch.Tensor]:
+               advice: str | None = None, *, expected: Mapping[str, torch.Tensor] | None = None
+               ) -> dict[str, torch.Tensor]:
     """The state dict to assign, after the allow-list; a LoadError naming the differences otherwise, ending with
-    `advice` (default: the config that the checkpoint's keys point to)."""
-    expected = model.state_dict()
+    `advice` (default: the config that the checkpoint's keys point to). `expected`: `model.state_dict()`, when the
+    caller has it already."""
+    expected = model.state_dict() if expected is None else expected
     kept = {key: value for key, value in state_dict.items() if not HARMLESS_KEYS.match(key) or key in expected}
     missing = sorted(key for key in expected if key not in kept and not is_schedule_key(key))
     unexpected = sorted(key for key in kept if key not in expected)
@@ -271,14 +293,14 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], config_
 
 
 def assign_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], device: torch.device,
-                   dtype: torch.dtype) -> None:
+                   dtype: torch.dtype, *, expected: Mapping[str, torch.Tensor] | None = None) -> None:
     """Put the checkpoint's tensors in place of the meta parameters, converted straight to device and dtype.
 
     Tensors already in the right dtype on the CPU are used as they are (views of the memory-mapped file, read on
     first use); converted ones give their mapped pages back as they go, so a converting load peaks near the size
-    of the result rather than file plus result.
+    of the result rather than file plus result. `expected`: `model.state_dict()`, when the caller has it already.
     """
-    expected = model.state_dict()
+    expected = model.state_dict() if expected is None else expected
     releaser = PageReleaser()
     converted = {}
     for key, reference in expected.items():
@@ -291,10 +313,18 @@ def assign_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], dev
         if converted[key] is not value:
             releaser.release(value)
     model.load_state_dict(converted, strict=True, assign=True)
-    model.to(device)  # buffers that are not in the state dict (masks, caches)
-    leftovers = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    leftovers = [name for name, tensor in tensors if tensor.is_meta]
     if leftovers:
-        raise RuntimeError(f"internal error: parameters left unloaded: {_examples(leftovers)}")
+        raise RuntimeError(f"internal error: tensors left on the meta device (neither in the checkpoint nor computed "
+                           f"by the model's constructor): {_examples(leftovers)}")
+    if any(not _is_on(tensor, device) for _, tensor in tensors):
+        model.to(device)  # buffers that are not in the state dict (noise levels computed from the config)
+
+
+def _is_on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether `tensor` is on `device` (a device without an index: on one of that type, as the weights moved there)."""
+    return tensor.device.type == device.type and device.index in (None, tensor.device.index)
 
 
 def load_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None = None, *,
@@ -314,7 +344,9 @@ def load_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | No
     read_done = time.perf_counter()
     model = _build(model_config, config_name)
     build_done = time.perf_counter()
-    assign_weights(model, check_keys(model, state_dict, config_name), device, dtype)
+    expected = model.state_dict()
+    assign_weights(model, check_keys(model, state_dict, config_name, expected=expected), device, dtype,
+                   expected=expected)
     model.eval().requires_grad_(False)
     if timings is not None:
         timings.update(read=read_done - start, build=build_done - read_done, move=time.perf_counter() - build_done)
@@ -357,13 +389,12 @@ def _prepare(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None
 def _build(model_config: Any, config_name: str) -> nn.Module:
     """The model `model_config` describes, parameters on the meta device; LoadError when the config cannot build
     one (a target that does not import, parameters its class does not take)."""
-    with parameters_on_meta():
-        try:
-            return instantiate_from_config(model_config)
-        except (KeyError, TypeError, ValueError) as error:  # no such target, or parameters it does not take
-            reason = str(error.args[0] if error.args else error).splitlines()[0]  # str(KeyError) adds quotes
-            raise LoadError(f"{config_name} cannot build its model ({reason}): check its target and params, or leave "
-                            f"--config out to use the released config that fits the checkpoint") from None
+    try:
+        return instantiate_on_meta(model_config)
+    except (KeyError, TypeError, ValueError) as error:  # no such target, or parameters it does not take
+        reason = str(error.args[0] if error.args else error).splitlines()[0]  # str(KeyError) adds quotes
+        raise LoadError(f"{config_name} cannot build its model ({reason}): check its target and params, or leave "
+                        f"--config out to use the released config that fits the checkpoint") from None
 
 
 def load_model_from_config(config: Any, ckpt: str | os.PathLike, verbose: bool = False,

@@ -146,15 +146,15 @@ def test_released_pages_leave_memory_and_read_back_from_the_file(tmp_path):
     assert torch.equal(mapped[:128], expected[:128] + 1) and torch.equal(mapped[128:], expected[128:])
 
 
-def test_meta_build_skips_initialisers_and_restores_them():
-    original = torch.nn.init.normal_
-    calls = []
+def test_meta_build_skips_initialisers_without_patching():
+    register, normal = nn.Module.register_parameter, torch.nn.init.normal_
     with parameters_on_meta():
-        embedding = nn.Embedding(10, 4)
-        real = torch.empty(3)
+        assert nn.Module.register_parameter is register and torch.nn.init.normal_ is normal
+        embedding = nn.Embedding(10, 4)  # its normal_ init is skipped on the meta weight
+        schedule = torch.tensor([0.5, 0.25])  # made from data: a computed buffer, real
+        real = torch.empty(3, device="cpu")
         torch.nn.init.normal_(real)  # real tensors are still initialised
-        calls.append(real)
-    assert embedding.weight.is_meta and torch.nn.init.normal_ is original and torch.isfinite(calls[0]).all()
+    assert embedding.weight.is_meta and schedule.tolist() == [0.5, 0.25] and torch.isfinite(real).all()
 
 
 # --- fast paths ----------------------------------------------------------------------------------------------------
