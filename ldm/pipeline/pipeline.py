@@ -30,7 +30,8 @@ from ldm.pipeline.addons.base import AddOn, SampleCall
 from ldm.pipeline.addons.embeddings import Embeddings
 from ldm.pipeline.decoding import decode_to_pixels, free_accelerator_memory, run_in_sub_batches
 from ldm.pipeline.errors import UsageError
-from ldm.pipeline.memory import check_weights_fit, out_of_memory_advice, weight_bytes_by_part
+from ldm.pipeline.memory import (check_request_memory, check_weights_fit, out_of_memory_advice,
+                                 resident_weight_bytes, weight_bytes_by_part)
 from ldm.pipeline.metadata import ExtraField, ImageRecord
 from ldm.pipeline.model_info import check_against_model, model_defaults, refuse_inpainting, refuse_upscaler
 from ldm.pipeline.prompt_checks import prompt_notes
@@ -161,6 +162,7 @@ class Pipeline:
         config_path = resolve_config(ckpt, config, options.v_prediction)
         setup = Setup(str(ckpt), config_path, load_config(config_path), chosen, dtype, options, list(addons), note,
                       info)
+        defaults = model_defaults(setup.config, setup.ckpt)
         sampling = _sampling_addon(setup.addons)
         if sampling is not None:
             sampling.check_model_kind(setup.config, setup.ckpt)
@@ -174,7 +176,8 @@ class Pipeline:
         for addon in setup.addons:
             addon.check(setup, requests)
         _check_speed_options(setup)
-        _check_memory(setup)
+        _check_memory(setup, [request.replace(height=request.height or defaults["H"],
+                                              width=request.width or defaults["W"]) for request in requests])
         embeddings = [addon for addon in setup.addons if isinstance(addon, Embeddings)]
         for message in prompt_notes(requests, embeddings[0].tokenizer if embeddings else None):
             note(message)
@@ -346,14 +349,15 @@ def _check_speed_options(setup: Setup) -> None:
                          f"{options.offload} moves: use one of them")
 
 
-def _check_memory(setup: Setup) -> None:
-    """On a GPU, refuse before loading when the weights alone cannot fit, naming the flag that makes them fit."""
-    memory = accelerator_memory(setup.device)
-    if memory is None:
-        return
+def _check_memory(setup: Setup, requests: Sequence[Request]) -> None:
+    """Refuse before loading what cannot fit: on a GPU the weights alone, then (GPU and CPU RAM) each request's
+    weights and activations, naming the flag that makes it fit."""
     try:
-        shapes = read_shapes(setup.ckpt)
+        part_bytes = weight_bytes_by_part(read_shapes(setup.ckpt), setup.dtype)
     except (CheckpointError, LoadError):
         return  # the loader reports an unreadable file in its own words
-    check_weights_fit(weight_bytes_by_part(shapes, setup.dtype), *memory, setup.options.offload, setup.device,
-                      setup.dtype)
+    memory = accelerator_memory(setup.device)
+    if memory is not None:
+        check_weights_fit(part_bytes, *memory, setup.options.offload, setup.device, setup.dtype)
+    weights = resident_weight_bytes(part_bytes, setup.options.offload, setup.device)
+    check_request_memory(setup.config, requests, setup.options, setup.device, setup.dtype, weights)
