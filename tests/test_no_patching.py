@@ -78,3 +78,33 @@ def test_meta_build_is_local_to_its_thread():
         here = nn.Linear(3, 2)
     assert here.weight.is_meta and not built["layer"].weight.is_meta
     assert torch.isfinite(built["layer"].weight).all()
+
+
+# --- oneDNN kernels are layers of their own type in their parents' places --------------------------------------------
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+def test_onednn_kernels_replace_layers_holding_the_same_parameters():
+    from ldm import optimize
+    from ldm.optimize.kernels import OneDNNLinear, PackedConv2d
+
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(shared, shared), nn.Linear(4, 2))
+    hooked = model[2]
+    hooked.register_forward_hook(lambda module, args, output: output)
+    parameters = dict(model.named_parameters())
+    before = [(module, type(module)) for module in model.modules()]
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        expected = model[1](model[0](x).permute(0, 2, 3, 1))
+        assert optimize.use_onednn_kernels(model) == 2  # the convolution and the shared linear layer
+        actual = model[1](model[0](x).permute(0, 2, 3, 1))
+    assert isinstance(model[0], PackedConv2d) and type(model[1][0]) is OneDNNLinear and model[1][0] is model[1][1]
+    assert model[2] is hooked and type(hooked) is nn.Linear  # its hook belongs to that object: it stays
+    assert all(type(module) is constructed for module, constructed in before)
+    assert all(model.get_parameter(name) is parameter for name, parameter in parameters.items())
+    assert dict(model.named_parameters()).keys() == parameters.keys()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert optimize.use_default_kernels(model) == 2
+    assert [type(module) for module in model.modules()] == [nn.Sequential, nn.Conv2d, nn.Sequential, nn.Linear,
+                                                            nn.Linear]
+    assert all(model.get_parameter(name) is parameter for name, parameter in parameters.items())

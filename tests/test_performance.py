@@ -224,8 +224,10 @@ def test_packed_convolution_matches_conv2d(kernel, stride, padding, groups):
     conv = nn.Conv2d(8, 16, kernel, stride=stride, padding=padding, groups=groups).eval()
     reference = nn.Conv2d(8, 16, kernel, stride=stride, padding=padding, groups=groups).eval()
     reference.load_state_dict(conv.state_dict())
-    optimize.use_onednn_kernels(conv)
-    assert isinstance(conv, PackedConv2d)
+    holder = nn.Sequential(conv)
+    optimize.use_onednn_kernels(holder)  # the layer is replaced in its parent by one holding the same Parameters
+    assert isinstance(holder[0], PackedConv2d) and holder[0].weight is conv.weight and holder[0].bias is conv.bias
+    conv = holder[0]
     with torch.no_grad():
         for shape in ((2, 8, 9, 12), (1, 8, 5, 5)):  # a shape other than the one packed for works too
             x = torch.randn(shape)
@@ -236,8 +238,8 @@ def test_packed_convolution_matches_conv2d(kernel, stride, padding, groups):
         reference.weight.mul_(2)
         torch.testing.assert_close(conv(x), reference(x), rtol=1e-5, atol=1e-5)
     assert conv.state_dict().keys() == reference.state_dict().keys()
-    optimize.use_default_kernels(conv)
-    assert type(conv) is nn.Conv2d
+    optimize.use_default_kernels(holder)
+    assert type(holder[0]) is nn.Conv2d and holder[0].weight is conv.weight
 
 
 @needs_onednn

@@ -3,11 +3,14 @@ fused projections, channels-last activations, and oneDNN kernels on the CPU (con
 matrix products with the bias in the same pass).
 
 Each function works on a loaded model in place, keeps every checkpoint key and value (`state_dict()` is unchanged),
-and is safe to call on any module tree: it touches only the layers it knows.
+and is safe to call on any module tree: it touches only the layers it knows. The oneDNN kernels are layers of their
+own types (`PackedConv2d`, `OneDNNLinear`) put in place of the plain ones in their parents, holding the same
+Parameters; torch's classes and the layers' classes are never changed.
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -132,50 +135,99 @@ class OneDNNLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def conv_like(conv: nn.Conv2d, kind: type[nn.Conv2d]) -> nn.Conv2d:
+    """A `kind` convolution with `conv`'s settings holding `conv`'s own weight and bias Parameters."""
+    layer = kind(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                 dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                 padding_mode=conv.padding_mode, device="meta")  # meta: nothing allocated or initialised
+    layer.weight, layer.bias = conv.weight, conv.bias
+    return layer.train(conv.training)
+
+
+def linear_like(layer: nn.Linear, kind: type[nn.Linear]) -> nn.Linear:
+    """A `kind` linear layer holding `layer`'s own weight and bias Parameters."""
+    replacement = kind(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    replacement.weight, replacement.bias = layer.weight, layer.bias
+    return replacement.train(layer.training)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether hooks are registered on `module` itself (they belong to that object: it is not replaced)."""
+    return any(getattr(module, name, None) for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+        "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"))
+
+
+def replace_layers(model: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Put `replacement(layer)` in place of each leaf layer of `model` below its root for which it is not None, in
+    every parent that holds the layer (checkpoint keys stay: the names do not change). Layers with hooks stay as they
+    are. Returns the number of layers replaced."""
+    chosen: dict[nn.Module, nn.Module | None] = {}
+    for path, layer in list(model.named_modules(remove_duplicate=False)):  # every place of a shared layer
+        if not path:
+            continue
+        if layer not in chosen:
+            chosen[layer] = replacement(layer)
+            if chosen[layer] is not None and has_hooks(layer):
+                logger.info("%s keeps its kernel: it has hooks registered on it", path)
+                chosen[layer] = None
+        if chosen[layer] is not None:
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, chosen[layer])
+    return sum(layer is not None for layer in chosen.values())
+
+
 def use_onednn_kernels(model: nn.Module) -> int:
     """Run the CPU float32/bfloat16 convolutions and linear layers of `model` with oneDNN: convolution weights are
     packed once (`PackedConv2d`), linear layers use oneDNN's matrix product (`OneDNNLinear`).
 
-    The layers keep their parameters (checkpoint keys unchanged) and fall back to the plain computation wherever
-    oneDNN does not apply. Packed copies replace the convolution weights in memory: the weights' memory-mapped
-    checkpoint pages are given back (they re-read from the file if the plain weights are ever used). 1x1
-    convolutions are not packed: on channels-last input they run as matrix products on their plain weights.
-    Returns the number of layers switched; 0 when this PyTorch has no oneDNN.
+    The new layers take the place of the plain ones in their parents and hold the same Parameters (checkpoint keys
+    and values unchanged); they fall back to the plain computation wherever oneDNN does not apply. Packed copies
+    replace the convolution weights in memory: the weights' memory-mapped checkpoint pages are given back (they
+    re-read from the file if the plain weights are ever used). 1x1 convolutions are not packed: on channels-last
+    input they run as matrix products on their plain weights. Layers already packed are packed again (for weights
+    changed since). `model` itself is not replaced, only the layers below it. Returns the number of layers that
+    run with oneDNN; 0 when this PyTorch has no oneDNN.
     """
     if not onednn_available():
         logger.info("oneDNN is not available in this PyTorch: the default kernels stay")
         return 0
     releaser = PageReleaser()
+    linear_available = onednn_linear_available()
+
+    def on_cpu(layer: nn.Module) -> bool:
+        weight = layer.weight
+        return weight is not None and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+
+    def onednn_layer(layer: nn.Module) -> nn.Module | None:
+        if type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and on_cpu(layer):
+            return conv_like(layer, PackedConv2d)
+        if type(layer) is nn.Linear and linear_available and on_cpu(layer):
+            return linear_like(layer, OneDNNLinear)
+        return None
+
+    replace_layers(model, onednn_layer)
     switched = 0
     for module in model.modules():
-        on_cpu = module.__dict__.get("_parameters", {}).get("weight") is not None and module.weight.device.type == "cpu"
-        if not on_cpu or module.weight.dtype not in (torch.float32, torch.bfloat16):
-            continue
-        if type(module) in (nn.Conv2d, PackedConv2d) and module.padding_mode == "zeros":
-            module.__class__ = PackedConv2d
-            if not module.runs_as_matrix_product():
+        if isinstance(module, (PackedConv2d, OneDNNLinear)) and on_cpu(module):
+            if isinstance(module, PackedConv2d) and not module.runs_as_matrix_product():
                 module.pack()
                 releaser.release(module.weight)
-            switched += 1
-        elif type(module) is nn.Linear and onednn_linear_available():
-            module.__class__ = OneDNNLinear
             switched += 1
     return switched
 
 
 def use_default_kernels(model: nn.Module) -> int:
-    """Undo `use_onednn_kernels`: plain Conv2d and Linear layers again, packed copies freed."""
-    restored = 0
-    for module in model.modules():
-        if isinstance(module, PackedConv2d):
-            module.__dict__.pop("_packed", None)
-            module.__dict__.pop("_packed_for", None)
-            module.__class__ = nn.Conv2d
-            restored += 1
-        elif isinstance(module, OneDNNLinear):
-            module.__class__ = nn.Linear
-            restored += 1
-    return restored
+    """Undo `use_onednn_kernels`: plain Conv2d and Linear layers again (holding the same Parameters), packed copies
+    freed."""
+    def default_layer(layer: nn.Module) -> nn.Module | None:
+        if isinstance(layer, PackedConv2d):
+            return conv_like(layer, nn.Conv2d)
+        if isinstance(layer, OneDNNLinear):
+            return linear_like(layer, nn.Linear)
+        return None
+
+    return replace_layers(model, default_layer)
 
 
 def apply_fast_paths(model: nn.Module, device: torch.device | str | None = None, *, fuse: bool = True,
