@@ -71,3 +71,21 @@ def test_the_cli_never_overwrites_a_sidecar_made_meanwhile(txt2img, tmp_path, mo
 ])
 def test_allocation_failures_of_every_back_end_are_recognised(error, expected):
     assert is_out_of_memory(error) is expected
+
+
+def test_a_huge_init_image_needs_an_asked_size(tmp_path, capsys, tiny_checkpoint, tiny_config):
+    from PIL import Image
+
+    from ldm.cli.img2img import main as img2img_main
+
+    Image.new("RGB", (10000, 10000), (40, 80, 120)).save(tmp_path / "huge.png")
+    flags = ["--ckpt", str(tiny_checkpoint), "--config", str(tiny_config), "--init-img", str(tmp_path / "huge.png"),
+             "--outdir", str(tmp_path / "out"), "--ddim_steps", "2", "--n_samples", "1"]
+    status = img2img_main(flags)
+    out, err = capsys.readouterr()
+    assert status == 2 and error_lines(err) == [
+        "img2img.py: error: --init-img is 10000x10000, larger than 2048 pixels a side: pass --W and --H to resize it "
+        "(e.g. --W 512 --H 512)"]
+    assert "Loading model" not in out and not (tmp_path / "out").exists()
+    assert img2img_main(flags + ["--W", "64", "--H", "64", "--skip_grid"]) == 0  # resized to the asked size
+    assert (tmp_path / "out" / "samples" / "00000.png").exists()

@@ -21,11 +21,13 @@ from ldm.pipeline.metadata import check_made_by, read_metadata_file
 from ldm.pipeline.model_info import model_geometry
 
 PROG = "img2img.py"
+MAX_DEFAULT_SIDE = 2048  # pixels: an init image's own size is used up to this, larger ones need --W/--H
 DEFAULT_SIZE_MULTIPLE = 64  # autoencoder 8x times the SD UNet's 8x: the sizes every SD 1.x/2.x model takes
 DESCRIPTION = "Image to image with Stable Diffusion (the CompVis img2img script, with the same flags)."
 EPILOG = """\
 init image: loaded as RGB and resized (LANCZOS) to --W x --H, by default its own size rounded down to a multiple
-of 64 (CompVis rounds to 32, which the SD UNet cannot take for odd multiples of 32). --strength s noises it
+of 64 (CompVis rounds to 32, which the SD UNet cannot take for odd multiples of 32); an image larger than 2048
+pixels a side needs --W and --H. --strength s noises it
 int(s * ddim_steps) steps deep (t_enc) and runs those steps back: 0 keeps the image (through the autoencoder),
 1 starts from pure noise. ddim noises as CompVis does (one DDIM step above the first step it runs), k-diffusion
 samplers to the sigma of their first step (as A1111 and diffusers); plms and dpm_solver cannot start from an image.
@@ -67,7 +69,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # --- flags to the init image -----------------------------------------------------------------------------------------
 def fit_size(width: int, height: int, multiple: int) -> tuple[int, int]:
-    """(width, height) rounded down to multiples of `multiple`; UsageError when a side is smaller than that."""
+    """(width, height) rounded down to multiples of `multiple`; UsageError when a side is smaller than that, or
+    larger than MAX_DEFAULT_SIDE (a photo's own size is rarely the size meant, and it would need many GiB)."""
+    if max(width, height) > MAX_DEFAULT_SIDE:
+        raise UsageError(f"--init-img is {width}x{height}, larger than {MAX_DEFAULT_SIDE} pixels a side: pass --W "
+                         f"and --H to resize it (e.g. --W 512 --H 512)")
     if width < multiple or height < multiple:
         raise UsageError(f"--init-img is {width}x{height}, smaller than the model's {multiple}-pixel minimum: "
                          f"use a larger image or pass --W/--H to enlarge it")
@@ -138,9 +144,10 @@ class Img2ImgShell(Shell):
         if not 0.0 <= opt.strength <= 1.0:  # also refuses NaN
             raise UsageError(f"--strength {opt.strength} is outside [0, 1]: 0 keeps the init image, 1 replaces it")
         self.init_image = load_image(opt.init_img)
-        width, height = fit_size(*self.init_image.size, size_multiple(opt))
-        opt.W = width if opt.W is None else opt.W
-        opt.H = height if opt.H is None else opt.H
+        if opt.W is None or opt.H is None:
+            width, height = fit_size(*self.init_image.size, size_multiple(opt))
+            opt.W = width if opt.W is None else opt.W
+            opt.H = height if opt.H is None else opt.H
 
     def sampling_addon(self) -> AddOn | None:
         image_hash = file_hash(self, self.opt.init_img, self.recorded_init_hash, "init image")
