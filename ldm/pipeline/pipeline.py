@@ -162,13 +162,13 @@ class Pipeline:
         config_path = resolve_config(ckpt, config, options.v_prediction)
         setup = Setup(str(ckpt), config_path, load_config(config_path), chosen, dtype, options, list(addons), note,
                       info)
-        defaults = model_defaults(setup.config, setup.ckpt)
         sampling = _sampling_addon(setup.addons)
         if sampling is not None:
             sampling.check_model_kind(setup.config, setup.ckpt)
         else:
             refuse_upscaler(setup.config, setup.ckpt)
             refuse_inpainting(setup.config, setup.ckpt)
+        requests = [_with_size(request, _default_size(setup)) for request in requests]
         # the checkpoint (with the vae) must load with its config: checked on shapes only, nothing read
         setup.skeleton = check_loadable(ckpt, config_path, use_ema=options.use_ema,
                                         v_prediction=options.v_prediction, vae=options.vae)
@@ -176,8 +176,7 @@ class Pipeline:
         for addon in setup.addons:
             addon.check(setup, requests)
         _check_speed_options(setup)
-        _check_memory(setup, [request.replace(height=request.height or defaults["H"],
-                                              width=request.width or defaults["W"]) for request in requests])
+        _check_memory(setup, requests)
         embeddings = [addon for addon in setup.addons if isinstance(addon, Embeddings)]
         for message in prompt_notes(requests, embeddings[0].tokenizer if embeddings else None):
             note(message)
@@ -233,10 +232,9 @@ class Pipeline:
 
     # --- generating ------------------------------------------------------------------------------------------------
     def complete(self, request: Request) -> Request:
-        """`request` with the model's own size where it gives none, checked against the model."""
-        if request.height is None or request.width is None:
-            request = request.replace(height=request.height or self.defaults["H"],
-                                      width=request.width or self.defaults["W"])
+        """`request` with the default size where it gives none (the sampling add-on's, else the model's own),
+        checked against the model."""
+        request = _with_size(request, _default_size(self.setup))
         check_against_model([request], self.setup.config)
         return request
 
@@ -338,6 +336,22 @@ class Pipeline:
         for request in shapes.values():
             self.render(request, warm_up=True)
         return time.perf_counter() - start
+
+
+def _default_size(setup: Setup) -> tuple[int, int]:
+    """(height, width) of a request that gives none: what the sampling add-on makes, else the model's own size."""
+    sampling = _sampling_addon(setup.addons)
+    size = sampling.default_size(setup.config) if sampling is not None else None
+    if size is not None:
+        return size
+    defaults = model_defaults(setup.config, setup.ckpt)
+    return defaults["H"], defaults["W"]
+
+
+def _with_size(request: Request, size: tuple[int, int]) -> Request:
+    if request.height is not None and request.width is not None:
+        return request
+    return request.replace(height=request.height or size[0], width=request.width or size[1])
 
 
 def _check_speed_options(setup: Setup) -> None:

@@ -62,6 +62,10 @@ class AddOn:
         return {}
 
     # --- sampling add-ons only -------------------------------------------------------------------------------------
+    def default_size(self, config: Any) -> tuple[int, int] | None:
+        """(height, width) of a request that gives none (None: the model's own size)."""
+        return None
+
     def check_model_kind(self, config: Any, ckpt: str) -> None:
         """UsageError when the model is of a kind this sampling add-on cannot drive."""
 

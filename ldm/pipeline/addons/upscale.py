@@ -69,6 +69,10 @@ class Upscale(AddOn):
                              f"{nearest_multiples(height, unet_factor)}")
         return factor * width, factor * height
 
+    def default_size(self, config: Any) -> tuple[int, int] | None:
+        width, height = self.output_size(config)
+        return height, width
+
     def check_noise_level(self, config: Any) -> None:
         highest = max_noise_level(config)
         if not 0 <= self.noise_level <= highest:
