@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.model import Decoder, nonlinearity
+from ldm.modules.diffusionmodules.model import Decoder, GroupNorm, nonlinearity
 
 
 @dataclass
@@ -79,7 +79,8 @@ class _GroupStatistics:
 
 @dataclass
 class _TileView:
-    """Where the current tile's core lies inside the decoded input region, in latent pixels."""
+    """Where the current tile's core lies inside the decoded input region, in latent pixels; as a GroupNorm's
+    `statistics`, it records the cores' statistics (`recording`) or normalises with those of the whole image."""
 
     top: int = 0
     left: int = 0
@@ -89,16 +90,14 @@ class _TileView:
     statistics: dict = field(default_factory=dict)
     recording: bool = True
 
-
-def _shared_group_norm(norm: nn.GroupNorm, view: _TileView):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if view.recording:
-            scale = x.shape[-2] // view.region_height
-            core = x[..., view.top * scale:(view.top + view.height) * scale,
-                     view.left * scale:(view.left + view.width) * scale]
-            view.statistics.setdefault(norm, _GroupStatistics()).add(core, norm.num_groups)
+    def __call__(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        if self.recording:
+            scale = x.shape[-2] // self.region_height
+            core = x[..., self.top * scale:(self.top + self.height) * scale,
+                     self.left * scale:(self.left + self.width) * scale]
+            self.statistics.setdefault(norm, _GroupStatistics()).add(core, norm.num_groups)
             return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-        stats = view.statistics[norm]
+        stats = self.statistics[norm]
         mean, variance = stats if isinstance(stats, tuple) else stats.mean_and_variance()
         per_channel = x.shape[1] // norm.num_groups
         inverse_std = (variance + norm.eps).rsqrt().repeat_interleave(per_channel, dim=1)  # [B, G] -> [B, C]
@@ -107,18 +106,18 @@ def _shared_group_norm(norm: nn.GroupNorm, view: _TileView):
         shift = (norm.bias.double() if norm.bias is not None else 0.0) - mean * scale
         scale, shift = (t.to(x.dtype)[:, :, None, None] for t in (scale, shift))  # [B, C] -> [B, C, 1, 1]
         return torch.addcmul(shift, x, scale)
-    return forward
 
 
 @contextmanager
-def _shared_statistics(norms: list[nn.GroupNorm], view: _TileView) -> Iterator[None]:
+def _shared_statistics(norms: list[GroupNorm], view: _TileView) -> Iterator[None]:
+    previous = [norm.statistics for norm in norms]
     for norm in norms:
-        norm.forward = _shared_group_norm(norm, view)
+        norm.statistics = view
     try:
         yield
     finally:
-        for norm in norms:
-            del norm.forward
+        for norm, statistics in zip(norms, previous):
+            norm.statistics = statistics
 
 
 def _upsampling_path(decoder: Decoder, h: torch.Tensor) -> torch.Tensor:
@@ -175,6 +174,9 @@ def decode_tiled(decoder: Decoder, z: torch.Tensor, tiling: VaeTiling,
     tiles = [(row, column) for row in _spans(height, tiling.tile, tiling.overlap)
              for column in _spans(width, tiling.tile, tiling.overlap)]
     norms = [module for module in [*decoder.up.modules(), decoder.norm_out] if isinstance(module, nn.GroupNorm)]
+    if not all(isinstance(norm, GroupNorm) for norm in norms):
+        raise ValueError("VAE tiling needs the decoder's GroupNorms to be ldm.modules.diffusionmodules.model.GroupNorm "
+                         "(what Normalize builds); decode without --vae_tiling")
     view = _TileView(statistics=dict(statistics) if statistics is not None else {})
     factor = 2 ** (decoder.num_resolutions - 1)
     blend = tiling.overlap * factor

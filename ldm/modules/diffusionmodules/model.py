@@ -5,7 +5,7 @@ load without renaming: `encoder.down.N.block.M`, `encoder.mid.attn_1`, `decoder.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,24 @@ def nonlinearity_(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=True)
 
 
-def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` whose statistics may come from elsewhere: with `statistics` set (a callable `(norm, x) -> y`,
+    as tiled decoding in ldm.optimize.vae sets it, so every tile is normalised alike), forward hands its input to
+    it; with None, as built, it is nn.GroupNorm."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        self.statistics: Callable[[nn.GroupNorm, torch.Tensor], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.statistics is not None:
+            return self.statistics(self, x)
+        return super().forward(x)
+
+
+def Normalize(in_channels: int, num_groups: int = 32) -> GroupNorm:
     """GroupNorm with the autoencoder's eps of 1e-6 (not torch's default 1e-5)."""
-    return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+    return GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
 class Upsample(nn.Module):
