@@ -20,8 +20,10 @@ from ldm.controlnet import CONFIG_DIR, attach_controlnet, load_controlnet
 from ldm.loading import LoadError, load_model, parameters_on_meta
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.optimize import disable_graphs, enable_graphs
 from ldm.util import instantiate_from_config
 from reference_sd import NEGATIVE, PROMPT, SCALE, SCHEDULE, STEPS, diffusers_pipeline
+from replaying_capture import ReplayingCapture
 
 CLDM_CONFIG = TEST_CONFIGS / "tiny-cldm-v1.yaml"
 SIZE = 64  # pixels: the tiny UNet's latents are 8x8
@@ -263,6 +265,32 @@ def test_released_configs_have_the_released_key_layout():
         assert len(converted) == len(ours) == len(reference), name
         assert {key: tuple(value.shape) for key, value in converted.items()} == {
             key: tuple(value.shape) for key, value in reference.items()}, name
+
+
+# --- replayed graphs ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_replayed_graphs_include_the_controlnet_residuals(files, controlnet):
+    """With graphs on (--cuda_graphs), an attached ControlNet still steers every call: its residuals are arguments
+    of the replayed UNet, so a replay equals the eager call with the ControlNet attached, for each hint and scale."""
+    model = load_model(files["base"], TEST_CONFIGS / "tiny-v1.yaml")
+    generator = torch.Generator().manual_seed(4)
+    x, t = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([999, 301])
+    cond = model.get_learned_conditioning(["a red cube", ""])
+    expected = {}
+    for hint, scale in ((1, 0.7), (2, 0.3)):
+        with attach_controlnet(model, controlnet, hint_image(hint), scale):
+            expected[hint] = model.apply_model(x, t, cond)
+    plain = model.apply_model(x, t, cond)
+    capture = ReplayingCapture()
+    assert enable_graphs(model, capture=capture) == 1
+    for hint, scale in ((1, 0.7), (1, 0.7), (2, 0.3)):  # capture, replay, replay with other residuals
+        with attach_controlnet(model, controlnet, hint_image(hint), scale):
+            assert torch.equal(model.apply_model(x, t, cond), expected[hint])
+    assert capture.captures == 1
+    assert torch.equal(model.apply_model(x, t, cond), plain)  # without control: another signature, another graph
+    assert capture.captures == 2 and not torch.equal(expected[1], plain)
+    disable_graphs(model)
+    assert model.model.diffusion_model.graph_runner is None
 
 
 # --- txt2img --controlnet --------------------------------------------------------------------------------------------

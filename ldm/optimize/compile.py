@@ -5,7 +5,7 @@ Both pay a warm-up on the first call of each new shape (compilation, or capture)
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable, Hashable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -43,63 +43,111 @@ def compile_model(model: nn.Module, mode: str | None = None, backend: str = "ind
     return compiled
 
 
-class GraphedUNet:
-    """Replays the UNet's kernels from a captured accelerator graph for each input signature seen.
+class GraphCapture(Protocol):
+    """How graphs are made and replayed, for `GraphedUNet`."""
 
-    The first call with a signature (shapes, dtypes, device of x, timesteps and context) warms up on a side
-    stream and captures; later calls copy their inputs into the captured buffers and replay. Only for devices with
-    graph capture (torch.cuda); elsewhere, and for other arguments (y, context lists), the UNet runs as usual.
-    """
+    def applies(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether a call with these argument tensors can be captured."""
 
-    def __init__(self, unet: UNetModel, warmup_calls: int = 2):
-        self.unet = unet
-        self.forward = unet.forward
-        self.warmup_calls = warmup_calls
-        self.graphs: dict[tuple, tuple[Any, list[torch.Tensor], torch.Tensor]] = {}
+    def capture(self, function: Callable[[], torch.Tensor], warmup_calls: int) -> Callable[[], torch.Tensor]:
+        """`function` captured; the returned callable replays it and returns its (reused) output tensor."""
 
-    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: Any = None, y: Any = None) -> torch.Tensor:
-        if x.device.type != "cuda" or y is not None or not torch.is_tensor(context) or not torch.is_tensor(timesteps):
-            return self.forward(x, timesteps, context, y)
-        inputs = [x, timesteps, context]
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(inputs)
-        graph, static_inputs, static_output = self.graphs[key]
-        for static, value in zip(static_inputs, inputs):
-            static.copy_(value)
-        graph.replay()
-        return static_output.clone()
 
-    def _capture(self, inputs: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor], torch.Tensor]:
+class CudaGraphCapture:
+    """Capture and replay with torch.cuda graphs: warm-up calls on a side stream, then one call captured."""
+
+    def applies(self, tensors: list[torch.Tensor]) -> bool:
+        return bool(tensors) and all(tensor.device.type == "cuda" for tensor in tensors)
+
+    def capture(self, function: Callable[[], torch.Tensor], warmup_calls: int) -> Callable[[], torch.Tensor]:
         accelerator = torch.cuda
-        static_inputs = [tensor.clone() for tensor in inputs]
         side = accelerator.Stream()
         side.wait_stream(accelerator.current_stream())
         with accelerator.stream(side), torch.no_grad():
-            for _ in range(self.warmup_calls):
-                self.forward(*static_inputs)
+            for _ in range(warmup_calls):
+                function()
         accelerator.current_stream().wait_stream(side)
         graph = accelerator.CUDAGraph()
         with accelerator.graph(graph), torch.no_grad():
-            static_output = self.forward(*static_inputs)
-        logger.info("captured a UNet graph for inputs %s", [tuple(t.shape) for t in inputs])
-        return graph, static_inputs, static_output
+            output = function()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return output
+        return replay
 
 
-def enable_graphs(model: nn.Module, warmup_calls: int = 2) -> int:
-    """Capture and replay the UNet(s) of `model` per input shape (see `GraphedUNet`); returns how many.
+def _flatten(value: Any) -> tuple[list[torch.Tensor], Hashable]:
+    """The tensors in `value` (nested lists and tuples of tensors, None and numbers) and a hashable layout of the
+    rest, from which `_unflatten` rebuilds it around other tensors."""
+    if torch.is_tensor(value):
+        return [value], "tensor"
+    if isinstance(value, (list, tuple)):
+        parts = [_flatten(item) for item in value]
+        return [tensor for tensors, _ in parts for tensor in tensors], (type(value), tuple(part for _, part in parts))
+    return [], ("value", value)
+
+
+def _unflatten(layout: Hashable, tensors: Iterator[torch.Tensor]) -> Any:
+    if layout == "tensor":
+        return next(tensors)
+    kind, content = layout
+    if kind == "value":
+        return content
+    return kind(_unflatten(part, tensors) for part in content)
+
+
+class GraphedUNet:
+    """A UNet's `graph_runner`: replays its computation from a captured accelerator graph for each signature of its
+    arguments (x, timesteps, context, y, and ControlNet residuals: which are given, their shapes, dtypes, devices).
+
+    The first call with a signature warms up and captures; later calls copy their arguments into the captured
+    buffers and replay. ControlNets attached with ldm.controlnet.attach_controlnet run before the UNet, and their
+    residuals are among those arguments, so every replay uses the residuals of its own call. What the UNet reads
+    besides its arguments (its weights) is fixed at capture. `capture` (default: CUDA graphs) decides where graphs
+    apply and makes them; elsewhere the UNet computes as usual.
+    """
+
+    def __init__(self, warmup_calls: int = 2, capture: GraphCapture | None = None):
+        self.warmup_calls = warmup_calls
+        self.capture = capture if capture is not None else CudaGraphCapture()
+        self.graphs: dict[Hashable, tuple[list[torch.Tensor], Callable[[], torch.Tensor]]] = {}
+
+    def __call__(self, compute: Callable[..., torch.Tensor], *arguments: Any) -> torch.Tensor:
+        tensors, layout = _flatten(arguments)
+        if not self.capture.applies(tensors):
+            return compute(*arguments)
+        key = (layout, tuple((tuple(tensor.shape), tensor.dtype, tensor.device) for tensor in tensors))
+        try:
+            known = key in self.graphs
+        except TypeError:  # an argument that cannot be part of a signature: run as usual
+            return compute(*arguments)
+        if not known:
+            static = [tensor.clone() for tensor in tensors]
+            replay = self.capture.capture(lambda: compute(*_unflatten(layout, iter(static))), self.warmup_calls)
+            self.graphs[key] = static, replay
+            logger.info("captured a UNet graph for inputs %s", [tuple(tensor.shape) for tensor in tensors])
+        static, replay = self.graphs[key]
+        for buffer, tensor in zip(static, tensors):
+            buffer.copy_(tensor)
+        return replay().clone()
+
+
+def enable_graphs(model: nn.Module, warmup_calls: int = 2, capture: GraphCapture | None = None) -> int:
+    """Capture and replay the UNet(s) of `model` per input signature (see `GraphedUNet`); returns how many.
 
     Weights must stay where they are (no offload), and the inputs' shapes fixed for the replay to pay off.
+    `capture`: how graphs are made and replayed (default: CUDA graphs; tests pass one that runs anywhere).
     """
     count = 0
     for module in model.modules():
-        if isinstance(module, UNetModel) and "forward" not in vars(module):
-            module.forward = GraphedUNet(module, warmup_calls)
+        if isinstance(module, UNetModel) and module.graph_runner is None:
+            module.graph_runner = GraphedUNet(warmup_calls, capture)
             count += 1
     return count
 
 
 def disable_graphs(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(vars(module).get("forward"), GraphedUNet):
-            del module.forward
+        if isinstance(module, UNetModel) and isinstance(module.graph_runner, GraphedUNet):
+            module.graph_runner = None

@@ -6,7 +6,7 @@ constructor takes the keyword arguments of the original yaml `unet_config.params
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -321,6 +321,8 @@ class UNetModel(nn.Module):
         self.predict_codebook_ids = n_embed is not None
         # Activations in channels-last layout (set by ldm.optimize.channels_last); the weights' layout is theirs.
         self.channels_last = False
+        # What runs `compute` for forward: None, directly; ldm.optimize.enable_graphs sets replayed GPU graphs.
+        self.graph_runner: Callable[..., torch.Tensor] | None = None
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -432,14 +434,21 @@ class UNetModel(nn.Module):
         ControlledUnetModel."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError(f"this UNet has num_classes={self.num_classes!r}: pass `y` exactly when it is set")
+        if y is not None and y.shape[0] != x.shape[0]:
+            raise ValueError(f"y has batch size {y.shape[0]} but x has {x.shape[0]}")
         if control is not None and len(control) != len(self.input_blocks) + 1:
             raise ValueError(f"control has {len(control)} residuals but this UNet takes {len(self.input_blocks) + 1} "
                              "(one per input block and one for the middle block): use a ControlNet built for it")
+        if self.graph_runner is not None:
+            return self.graph_runner(self.compute, x, timesteps, context, y, control)
+        return self.compute(x, timesteps, context, y, control)
+
+    def compute(self, x: torch.Tensor, timesteps: torch.Tensor, context: Context, y: torch.Tensor | None,
+                control: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """`forward` after its argument checks."""
         dtype = self.time_embed[0].weight.dtype
         emb, context = embed_timesteps_and_context(self.time_embed, self.model_channels, timesteps, x.shape[0], context)
         if y is not None:
-            if y.shape[0] != x.shape[0]:
-                raise ValueError(f"y has batch size {y.shape[0]} but x has {x.shape[0]}")
             emb = emb + self.label_emb(y if isinstance(self.label_emb, nn.Embedding) else y.to(dtype))
 
         layout = torch.channels_last if self.channels_last and x.dim() == 4 else torch.preserve_format
