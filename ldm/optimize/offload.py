@@ -26,8 +26,9 @@ from ldm.modules.diffusionmodules.model import AttnBlock
 
 # Modules whose forward reads their children's weights directly: they move as one piece.
 ATOMIC_MODULES = (CrossAttention, SpatialTransformer, AttnBlock)
-# encode_tokens: text encoders called with token ids (prompt weighting) rather than through forward
-ENTRY_METHODS = ("forward", "encode", "decode", "encode_tokens")
+# Entry points other than forward (which the offload's hooks cover): a sub-model's methods that callers use
+# instead of calling it. encode_tokens: text encoders called with token ids (prompt weighting).
+METHOD_ENTRIES = ("encode", "decode", "encode_tokens")
 
 
 def move_tensors(value: Any, device: torch.device) -> Any:
@@ -136,8 +137,22 @@ class Offload:
 
     # --- hooks ---------------------------------------------------------------------------------------------------
     def wrap_entry_points(self, module: nn.Module, before: Callable[[], None]) -> None:
-        """Wrap `module`'s forward/encode/decode: `before()`, then run on the device, results back to the caller's."""
-        for method_name in ENTRY_METHODS:
+        """Around each call of `module` (its hooks) and of its encode/decode methods: `before()`, then run on the
+        device, results back to the caller's device."""
+        callers: list[torch.device | None] = []  # a stack: calls may nest
+
+        def enter(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            before()
+            callers.append(first_tensor_device([*args, *kwargs.values()]))
+            return move_tensors(args, self.device), move_tensors(kwargs, self.device)
+
+        def leave(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            caller = callers.pop()
+            return output if caller is None else move_tensors(output, caller)
+
+        self._removers.append(module.register_forward_pre_hook(enter, with_kwargs=True).remove)
+        self._removers.append(module.register_forward_hook(leave, with_kwargs=True, always_call=True).remove)
+        for method_name in METHOD_ENTRIES:
             method = getattr(module, method_name, None)
             if method is None or method_name in vars(module):
                 continue
