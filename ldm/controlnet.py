@@ -90,20 +90,28 @@ def resolve_controlnet_config(path: str | os.PathLike, config: str | os.PathLike
 
 
 def load_controlnet(path: str | os.PathLike, config: str | os.PathLike | None = None, *,
-                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ControlNet:
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    trust_config: bool = False) -> ControlNet:
     """The ControlNet in `path` (any of the released layouts), loaded strictly into the `control_stage_config` of
-    its cldm yaml, in eval mode on `device` in `dtype`."""
+    its cldm yaml, in eval mode on `device` in `dtype`. `trust_config`: as for `ldm.loading.load_model` (a yaml
+    beside a downloaded ControlNet builds only this project's classes unless trusted)."""
     try:
         state_dict, _ = read_checkpoint(path)
     except CheckpointError as error:
         raise LoadError(str(error)) from None
     weights = controlnet_weights(state_dict, str(path))
     config_path = resolve_controlnet_config(path, config, weights)
-    params = load_config(config_path).model.get("params", {})
+    params = load_config(config_path, trust_config).model.get("params") or {}
     if "control_stage_config" not in params:
         raise LoadError(f"config {config_path} has no model.params.control_stage_config: pass a ControlNet yaml like "
                         f"{CONFIG_DIR / 'cldm_v15.yaml'}")
-    controlnet = instantiate_on_meta(params.control_stage_config)
+    try:
+        controlnet = instantiate_on_meta(params.control_stage_config, trust_config)
+    except Exception as error:  # noqa: BLE001 - a config is user input; see ldm.loading._build
+        reason = str(error.args[0] if error.args else error).strip()
+        reason = reason.splitlines()[0][:300] if reason else type(error).__name__
+        raise LoadError(f"config {config_path.name} cannot build its ControlNet ({reason}): check its "
+                        f"control_stage_config, or remove {config_path.name} to use the released config") from None
     if not isinstance(controlnet, ControlNet):
         raise LoadError(f"config {config_path} builds {type(controlnet).__name__}, not cldm.cldm.ControlNet")
     controlnet.global_average_pooling = bool(params.get("global_average_pooling", False))

@@ -17,7 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ldm.checkpoints import CheckpointError, PageReleaser, read_checkpoint, read_shapes
-from ldm.util import instantiate_from_config
+from ldm.util import find_interpolation, instantiate_from_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
 CONFIGS = {"v1": "v1-inference.yaml", "v2": "v2-inference.yaml", "v2-v": "v2-inference-v.yaml",
@@ -147,14 +147,23 @@ def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = N
     return path
 
 
-def load_config(path: str | os.PathLike) -> Any:
-    from omegaconf import OmegaConf
+def load_config(path: str | os.PathLike, trusted: bool = False) -> Any:
+    """The yaml at `path` (OmegaConf), with a `model` to build. Unless `trusted`, OmegaConf interpolations (`${...}`)
+    are refused before any is resolved: released configs have none, and a chain of them expands exponentially."""
+    from omegaconf import DictConfig, OmegaConf
     try:
         config = OmegaConf.load(str(path))
     except Exception as error:  # yaml and omegaconf raise many types; all mean the same to the user
         raise LoadError(f"cannot read config {path}: {str(error).splitlines()[0]}") from None
-    if "model" not in config or "target" not in config.model:
+    where = None if trusted else find_interpolation(config)
+    if where is not None:
+        raise LoadError(f"config {path} uses an OmegaConf interpolation (${{...}}) at {where}, which released configs "
+                        f"do not: write the value itself, or pass --trust_config if you trust the file")
+    model = config.get("model") if isinstance(config, DictConfig) else None
+    if not isinstance(model, DictConfig) or "target" not in model:
         raise LoadError(f"config {path} has no model.target: expected a latent diffusion yaml like {CONFIGS['v1']}")
+    if not isinstance(model.get("params") or {}, (DictConfig, dict)):
+        raise LoadError(f"config {path}: model.params is a {type(model.params).__name__}, not a mapping of parameters")
     return config
 
 
@@ -200,10 +209,11 @@ def parameters_on_meta() -> MetaParameters:
     return MetaParameters()
 
 
-def instantiate_on_meta(config: Any) -> nn.Module:
-    """`instantiate_from_config(config)` with every parameter on the meta device and every computed buffer real."""
+def instantiate_on_meta(config: Any, trusted: bool = False) -> nn.Module:
+    """`instantiate_from_config(config, trusted=trusted)` with every parameter on the meta device and every computed
+    buffer real."""
     with parameters_on_meta():
-        model = instantiate_from_config(config)
+        model = instantiate_from_config(config, trusted=trusted)
     for name, parameter in [*model.named_parameters()]:
         if not parameter.is_meta:  # made from data: its value comes from the checkpoint like the others'
             owner, _, attribute = name.rpartition(".")
@@ -330,19 +340,22 @@ def _is_on(tensor: torch.Tensor, device: torch.device) -> bool:
 def load_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None = None, *,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, use_ema: bool | None = None,
                v_prediction: bool | None = None, vae: str | os.PathLike | None = None,
-               timings: dict[str, float] | None = None) -> nn.Module:
+               timings: dict[str, float] | None = None, trust_config: bool = False) -> nn.Module:
     """Read `ckpt`, build the model its config describes, load strictly, and return it in eval mode on `device`.
 
     `use_ema`: take the `model_ema.*` weights (default: the config's `use_ema`). `v_prediction`: for a v2 checkpoint
     without `config`, choose the v-prediction config (default: by the file name, "768" means v). `vae`: a separate
     autoencoder file whose weights replace the checkpoint's. `timings` receives "read", "build" and "move" seconds.
-    `config` may also be a config already loaded with OmegaConf (as the CompVis scripts hold it).
+    `config` may also be a config already loaded with OmegaConf (as the CompVis scripts hold it). `trust_config`:
+    build whatever classes the config names and resolve its interpolations; otherwise a config builds only this
+    project's classes (see `ldm.util.instantiate_from_config`).
     """
     device = torch.device(device)
     start = time.perf_counter()
-    model_config, config_name, state_dict = _prepare(ckpt, config, use_ema, v_prediction, vae)
+    model_config, config_name, state_dict = _prepare(ckpt, config, use_ema, v_prediction, vae,
+                                                     trust_config=trust_config)
     read_done = time.perf_counter()
-    model = _build(model_config, config_name)
+    model = _build(model_config, config_name, trust_config)
     build_done = time.perf_counter()
     expected = model.state_dict()
     assign_weights(model, check_keys(model, state_dict, config_name, expected=expected), device, dtype,
@@ -355,19 +368,20 @@ def load_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | No
 
 def check_loadable(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None = None, *,
                    use_ema: bool | None = None, v_prediction: bool | None = None,
-                   vae: str | os.PathLike | None = None) -> nn.Module:
+                   vae: str | os.PathLike | None = None, trust_config: bool = False) -> nn.Module:
     """A LoadError for whatever `load_model` with these arguments would refuse, found from the files' layouts without
     reading a weight. Returns the model with its parameters on the meta device, to check what else must fit it
     (LoRA files, embeddings) before loading."""
-    model_config, config_name, state_dict = _prepare(ckpt, config, use_ema, v_prediction, vae, shapes_only=True)
-    model = _build(model_config, config_name)
+    model_config, config_name, state_dict = _prepare(ckpt, config, use_ema, v_prediction, vae, shapes_only=True,
+                                                     trust_config=trust_config)
+    model = _build(model_config, config_name, trust_config)
     check_keys(model, state_dict, config_name)
     return model
 
 
 def _prepare(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None, use_ema: bool | None,
              v_prediction: bool | None, vae: str | os.PathLike | None,
-             shapes_only: bool = False) -> tuple[Any, str, dict[str, torch.Tensor]]:
+             shapes_only: bool = False, trust_config: bool = False) -> tuple[Any, str, dict[str, torch.Tensor]]:
     """(model config, its name for messages, the tensors to load: EMA weights chosen, --vae merged)."""
     try:
         state_dict = read_weights(ckpt, shapes_only)
@@ -378,7 +392,7 @@ def _prepare(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None
     else:
         config_path = resolve_config(ckpt, config, v_prediction,
                                      shapes={key: tuple(value.shape) for key, value in state_dict.items()})
-        config_name, model_config = f"config {config_path.name}", load_config(config_path).model
+        config_name, model_config = f"config {config_path.name}", load_config(config_path, trust_config).model
     want_ema = bool(model_config.get("params", {}).get("use_ema", False)) if use_ema is None else use_ema
     state_dict = select_ema(state_dict, want_ema)
     if vae is not None:
@@ -386,13 +400,16 @@ def _prepare(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None
     return model_config, config_name, state_dict
 
 
-def _build(model_config: Any, config_name: str) -> nn.Module:
+def _build(model_config: Any, config_name: str, trusted: bool = False) -> nn.Module:
     """The model `model_config` describes, parameters on the meta device; LoadError when the config cannot build
-    one (a target that does not import, parameters its class does not take)."""
+    one (a target outside this project unless `trusted`, one that does not import, parameters its class does not
+    take or cannot use)."""
     try:
-        return instantiate_on_meta(model_config)
-    except (KeyError, TypeError, ValueError) as error:  # no such target, or parameters it does not take
-        reason = str(error.args[0] if error.args else error).splitlines()[0]  # str(KeyError) adds quotes
+        return instantiate_on_meta(model_config, trusted)
+    except Exception as error:  # noqa: BLE001 - a config is user input: a negative or 10**400 channel count fails
+        # deep in a constructor (RuntimeError, OverflowError, AssertionError, ...); all mean the config is wrong
+        reason = str(error.args[0] if error.args else error).strip()  # str(KeyError) adds quotes
+        reason = reason.splitlines()[0][:300] if reason else type(error).__name__
         raise LoadError(f"{config_name} cannot build its model ({reason}): check its target and params, or leave "
                         f"--config out to use the released config that fits the checkpoint") from None
 
