@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import sys
 import zipfile
 from contextlib import nullcontext
@@ -26,8 +27,15 @@ SAFETENSORS, TORCH_ZIP, TORCH_LEGACY = "safetensors", "torch-zip", "torch-legacy
 # safetensors dtype names (https://github.com/huggingface/safetensors, format section)
 SAFETENSORS_DTYPES = {name: getattr(torch, attribute) for name, attribute in (
     ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
-    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("U16", "uint16"), ("U32", "uint32"),
+    ("U64", "uint64"), ("BOOL", "bool"),
     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")) if hasattr(torch, attribute)}
+
+
+# how torch's weights-only unpickler names a global it refused ("Unsupported global: GLOBAL posix.system ...")
+UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# the safetensors library's bound on the JSON header (safetensors/src/tensor.rs, MAX_HEADER_SIZE)
+MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 class CheckpointError(Exception):
@@ -62,7 +70,11 @@ def detect_format(path: str | os.PathLike) -> str:
         head = handle.read(9)
     if head[:4] == b"PK\x03\x04":
         return TORCH_ZIP
-    if len(head) == 9 and int.from_bytes(head[:8], "little") + 8 <= size and head[8:9] == b"{":
+    if len(head) == 9 and head[8:9] == b"{":
+        length = int.from_bytes(head[:8], "little")
+        if length + 8 > size:
+            raise CheckpointError(f"cannot read {path}: its safetensors header claims {length} bytes but the file "
+                                  f"holds {size} (is the file complete?)")
         return SAFETENSORS
     if head[:1] == b"\x80":  # pickle protocol opcode: torch's pre-1.6 format
         return TORCH_LEGACY
@@ -70,14 +82,22 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def _refusal(path: str | os.PathLike, error: Exception) -> CheckpointError:
+    """Why the weights-only unpickler stopped: globals that could run code (named), else a damaged pickle."""
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # the listing is only for the message; the refusal stands either way
-        names = []
-    named = f" ({', '.join(sorted(names)[:5])})" if names else ""
+        names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # the listing is only for the message (legacy files have none); the refusal stands either way
+        names = set()
+    names.update(UNSAFE_GLOBAL.findall(str(error)))
+    if not names:
+        # torch's message: a paragraph on weights_only, then "WeightsUnpickler error: <what stopped it>"
+        _, _, detail = str(error).partition("WeightsUnpickler error:")
+        detail = next((line.strip() for line in detail.splitlines() if line.strip()), type(error).__name__)
+        return CheckpointError(f"cannot read {path}: its pickle is damaged or holds something other than weights "
+                               f"({detail[:120]}); is the file complete?")
     return CheckpointError(
-        f"refusing to load {path}: it contains pickled objects that could run code{named}. Only weights are read "
-        f"from checkpoints; if you trust the file, convert it to .safetensors with the tool that made it")
+        f"refusing to load {path}: it contains pickled objects that could run code ({', '.join(sorted(names)[:5])}). "
+        f"Only weights are read from checkpoints; if you trust the file, convert it to .safetensors with the tool "
+        f"that made it")
 
 
 def _torch_load(path: str | os.PathLike, file_format: str) -> Any:
@@ -90,8 +110,12 @@ def _torch_load(path: str | os.PathLike, file_format: str) -> Any:
                               mmap=file_format == TORCH_ZIP and not misnamed)
     except pickle.UnpicklingError as error:
         raise _refusal(path, error) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"cannot read {path}: {str(error).splitlines()[0]} (is the file complete?)") from None
+    except Exception as error:  # noqa: BLE001 - a crafted or cut pickle fails in many ways (EOFError, IndexError,
+        # RuntimeError from the zip reader, MemoryError for a storage larger than memory); all mean a bad file
+        reason = next((line for line in str(error).splitlines() if line.strip()), "")
+        reason = reason.split(". ")[0] or ("the file ends early" if isinstance(error, EOFError) else
+                                           type(error).__name__)
+        raise CheckpointError(f"cannot read {path}: {reason[:200]} (is the file complete?)") from None
 
 
 def unwrap_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -110,25 +134,48 @@ def unwrap_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 
 def _safetensors_header(handle: Any, path: str | os.PathLike, size: int) -> tuple[dict[str, Any], int]:
-    """The header's tensor entries and the offset where tensor data starts, validated against the file size."""
+    """The header's tensor entries and the offset where tensor data starts. The safetensors library validates the
+    header (offsets sorted, contiguous, covering the data exactly; shapes and dtypes that fit them; plain JSON of
+    bounded size and depth), so a file it refuses is refused here too; a cut file is named as such first."""
     length = int.from_bytes(handle.read(8), "little")
+    if length > MAX_SAFETENSORS_HEADER:
+        raise CheckpointError(f"cannot read {path}: its safetensors header claims {length} bytes, more than the "
+                              f"{MAX_SAFETENSORS_HEADER} the format allows; the file is damaged")
     try:
         header = json.loads(handle.read(length))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"cannot read {path}: its safetensors header is damaged ({error}); "
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        reason = "it nests too deeply" if isinstance(error, RecursionError) else str(error)
+        raise CheckpointError(f"cannot read {path}: its safetensors header is damaged ({reason}); "
                               "is the file complete?") from None
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"cannot read {path}: its safetensors header is a {type(header).__name__}, not a map "
+                              "of tensors; the file is damaged")
     data_start = 8 + length
     for key, entry in header.items():
-        begin, end = entry["data_offsets"]
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) and key != "__metadata__" else None
+        if (isinstance(offsets, list) and len(offsets) == 2 and all(type(end) is int for end in offsets)
+                and data_start + max(offsets) > size):
+            raise CheckpointError(f"cannot read {path}: tensor {key} lies outside the file (is the file complete?)")
+    _validate_safetensors(path)
+    header.pop("__metadata__", None)
+    for key, entry in header.items():
         if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {key} has dtype {entry['dtype']}, which this PyTorch cannot hold")
-        numel = 1
-        for dim in entry["shape"]:
-            numel *= dim
-        if end - begin != numel * SAFETENSORS_DTYPES[entry["dtype"]].itemsize or data_start + end > size:
-            raise CheckpointError(f"cannot read {path}: tensor {key} lies outside the file (is the file complete?)")
     return header, data_start
+
+
+def _validate_safetensors(path: str | os.PathLike) -> None:
+    """CheckpointError with the safetensors library's reason when it refuses the file's header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="numpy"):  # parses and validates the header; reads no tensor
+            pass
+    except Exception as error:  # noqa: BLE001 - SafetensorError, and OSError for a file that cannot be mapped
+        reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = reason.removeprefix("Error while deserializing header: ")
+        raise CheckpointError(f"cannot read {path}: the safetensors library refuses its header ({reason[:200]}); "
+                              "the file is damaged or crafted") from None
 
 
 def _map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -174,23 +221,28 @@ def read_object(path: str | os.PathLike) -> Any:
 def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Key -> shape without reading tensor data (safetensors header; a memory-mapped .ckpt). Remembered per file
     version, since a run asks several times (config choice, fit checks) before it loads."""
+    return {key: shape for key, (shape, _) in read_layout(path).items()}
+
+
+def read_layout(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Key -> (shape, dtype) without reading tensor data, as `read_shapes`."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     stat = os.stat(path)
-    return dict(_read_shapes(os.path.realpath(path), stat.st_size, stat.st_mtime_ns))
+    return dict(_read_layout(os.path.realpath(path), stat.st_size, stat.st_mtime_ns))
 
 
 @functools.lru_cache(maxsize=8)
-def _read_shapes(path: str, size: int, mtime_ns: int) -> dict[str, tuple[int, ...]]:
+def _read_layout(path: str, size: int, mtime_ns: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     if detect_format(path) == SAFETENSORS:
         with open(path, "rb") as handle:
             try:
                 header, _ = _safetensors_header(handle, path, os.path.getsize(path))
             except (KeyError, TypeError, ValueError) as error:
                 raise CheckpointError(f"cannot read {path}: {error} (is the file complete?)") from None
-        return {key: tuple(entry["shape"]) for key, entry in header.items()}
+        return {key: (tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]]) for key, entry in header.items()}
     state_dict, _ = read_checkpoint(path)
-    return {key: tuple(value.shape) for key, value in state_dict.items()}
+    return {key: (tuple(value.shape), value.dtype) for key, value in state_dict.items()}
 
 
 def _file_mapped_ranges() -> list[tuple[int, int]]:
@@ -268,7 +320,9 @@ def model_hash(path: str | os.PathLike) -> str:
     cache_path = _cache_file()
     try:
         cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        cache = {}
+    if not isinstance(cache, dict):
         cache = {}
     if key in cache:
         return cache[key]

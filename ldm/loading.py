@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ldm.checkpoints import CheckpointError, PageReleaser, read_checkpoint, read_shapes
+from ldm.checkpoints import CheckpointError, PageReleaser, read_checkpoint, read_layout, read_shapes
 from ldm.util import find_interpolation, instantiate_from_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
@@ -241,9 +241,10 @@ def select_ema(state_dict: dict[str, torch.Tensor], use_ema: bool) -> dict[str, 
 
 
 def read_weights(path: str | os.PathLike, shapes_only: bool = False) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors; with `shapes_only`, meta tensors of their shapes (only the file's layout is read)."""
+    """The checkpoint's tensors; with `shapes_only`, meta tensors of their shapes and dtypes (only the file's layout
+    is read)."""
     if shapes_only:
-        return {key: torch.empty(shape, device="meta") for key, shape in read_shapes(path).items()}
+        return {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype) in read_layout(path).items()}
     return read_checkpoint(path)[0]
 
 
@@ -282,7 +283,10 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], config_
     missing = sorted(key for key in expected if key not in kept and not is_schedule_key(key))
     unexpected = sorted(key for key in kept if key not in expected)
     mis_shaped = sorted(key for key in kept if key in expected and kept[key].shape != expected[key].shape)
-    if not (missing or unexpected or mis_shaped):
+    # integer or bool tensors where the model holds floating-point ones: a crafted or broken file
+    mistyped = sorted(key for key in kept if key in expected and key not in mis_shaped
+                      and kept[key].is_floating_point() != expected[key].is_floating_point())
+    if not (missing or unexpected or mis_shaped or mistyped):
         return kept
     problems = []
     if missing:
@@ -292,6 +296,11 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], config_
     if mis_shaped:
         shown = [f"{key} {list(kept[key].shape)} vs {list(expected[key].shape)}" for key in mis_shaped[:2]]
         problems.append(f"{len(mis_shaped)} of another shape ({'; '.join(shown)})")
+    if mistyped:
+        shown = [f"{key} {kept[key].dtype} vs {expected[key].dtype}" for key in mistyped[:2]]
+        problems.append(f"{len(mistyped)} of another kind of number ({'; '.join(shown)})")
+    if advice is None and not (missing or unexpected or mis_shaped):
+        advice = "the file is damaged or crafted: use a checkpoint from a source you trust"
     if advice is None:
         advice = "check that --config matches the checkpoint"
         try:
