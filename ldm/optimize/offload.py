@@ -147,7 +147,7 @@ class Offload:
             return move_tensors(args, self.device), move_tensors(kwargs, self.device)
 
         def leave(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            caller = callers.pop()
+            caller = callers.pop() if callers else None  # empty only when a hook before `enter` raised
             return output if caller is None else move_tensors(output, caller)
 
         self._removers.append(module.register_forward_pre_hook(enter, with_kwargs=True).remove)
