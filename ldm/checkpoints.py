@@ -15,7 +15,6 @@ import os
 import pickle
 import re
 import sys
-import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any

@@ -244,7 +244,8 @@ def read_weights(path: str | os.PathLike, shapes_only: bool = False) -> dict[str
     """The checkpoint's tensors; with `shapes_only`, meta tensors of their shapes and dtypes (only the file's layout
     is read)."""
     if shapes_only:
-        return {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype) in read_layout(path).items()}
+        return {key: torch.empty(shape, dtype=dtype, device="meta")
+                for key, (shape, dtype) in read_layout(path).items()}
     return read_checkpoint(path)[0]
 
 
