@@ -15,6 +15,7 @@ Each module has `.lora_down.weight`, `.lora_up.weight` and optionally `.alpha` (
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -154,9 +155,39 @@ def group_lora_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, L
         if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
             raise LoraError(f"LoRA module {module} lacks lora_down or lora_up weights: the file is incomplete")
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
-        alpha = float(tensors["alpha"]) if "alpha" in tensors else float(down.shape[0])
+        check_pair(module, down, up)
+        alpha = alpha_value(module, tensors["alpha"]) if "alpha" in tensors else float(down.shape[0])
         updates[module] = LoraUpdate(down, up, alpha)
     return updates
+
+
+def check_pair(module: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    """LoraError unless `down` [rank, in] / [rank, in, k, k] and `up` [out, rank] / [out, rank, 1, 1] are
+    floating-point matrices (or LoCon kernels) of one rank above zero."""
+    for part, tensor in (("lora_down", down), ("lora_up", up)):
+        if not torch.is_tensor(tensor) or not tensor.is_floating_point():
+            kind = tensor.dtype if torch.is_tensor(tensor) else type(tensor).__name__
+            raise LoraError(f"LoRA module {module}: {part} holds {kind} numbers, not floating-point weights; the "
+                            "file is damaged or crafted")
+        if tensor.ndim not in (2, 4) or tensor.numel() == 0:
+            raise LoraError(f"LoRA module {module}: {part} has shape {list(tensor.shape)}, not a non-empty matrix "
+                            "or convolution kernel; the file is damaged or crafted")
+    if up.shape[1] != down.shape[0]:
+        raise LoraError(f"LoRA module {module}: lora_up has rank {up.shape[1]} but lora_down rank {down.shape[0]} "
+                        f"(shapes {list(up.shape)} / {list(down.shape)}); the file is damaged or crafted")
+
+
+def alpha_value(module: str, alpha: torch.Tensor) -> float:
+    """A module's alpha as a float: one finite real number (kohya writes a 0-d tensor)."""
+    if not torch.is_tensor(alpha) or alpha.numel() != 1 or alpha.dtype == torch.bool or alpha.is_complex():
+        shape = list(alpha.shape) if torch.is_tensor(alpha) else type(alpha).__name__
+        raise LoraError(f"LoRA module {module}: alpha is {shape}"
+                        f"{f' {alpha.dtype}' if torch.is_tensor(alpha) else ''}, not one number; the file is damaged "
+                        "or crafted")
+    value = float(alpha.reshape(()))
+    if not math.isfinite(value):
+        raise LoraError(f"LoRA module {module}: alpha is {value}, not a finite number; the file is damaged or crafted")
+    return value
 
 
 def read_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -213,7 +244,12 @@ def fitted_updates(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
 def check_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Tensor]) -> int:
     """LoraError for whatever `apply_lora(model, lora)` would refuse, without changing `model` (which may hold its
     parameters on the meta device: a LoRA can be checked before the weights load). Returns the number of layers."""
-    return len(fitted_updates(model, lora_state_dict(lora)))
+    state_dict = lora_state_dict(lora)
+    fitted = fitted_updates(model, state_dict)
+    for name, update in group_lora_state_dict(state_dict).items():
+        if not (torch.isfinite(update.down).all() and torch.isfinite(update.up).all()):
+            raise LoraError(f"LoRA module {name} holds NaN or infinite weights: the file is damaged")
+    return len(fitted)
 
 
 @torch.no_grad()
@@ -227,6 +263,9 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Te
     """
     deltas = [(target, update.delta(target.weight.shape))
               for target, update in fitted_updates(model, lora_state_dict(lora))]
+    if not all(torch.isfinite(delta).all() for _, delta in deltas):
+        raise LoraError("the LoRA's changes to the weights hold NaN or infinite values (its weights are damaged or "
+                        "too large): nothing was changed")
     for target, delta in deltas:
         weight = target.weight
         weight.copy_((weight.float() + multiplier * delta.to(weight.device)).to(weight.dtype))

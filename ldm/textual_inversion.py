@@ -32,6 +32,8 @@ DIFFUSERS_FILE_STEM = "learned_embeds"
 FAMILY_BY_WIDTH = {768: "SD 1.x (CLIP ViT-L)", 1024: "SD 2.x (OpenCLIP ViT-H)", 1280: "SDXL's clip_g (OpenCLIP bigG)"}
 SDXL_KEYS = ("clip_l", "clip_g")
 SINGLE = ""  # the key of a file's vectors when it holds one set for any one-encoder model
+MAX_VECTORS = 75  # a prompt holds 75 tokens, so no more vectors can be used
+MAX_WIDTH = 4096  # wider than any text encoder's tokens (SDXL's bigG: 1280)
 
 
 class EmbeddingError(ValueError):
@@ -65,11 +67,21 @@ def family_of(width: int) -> str:
 
 
 def as_matrix(value: Any, where: str) -> torch.Tensor:
-    """A [D] or [N, D] tensor as float32 [N, D]."""
+    """A [D] or [N, D] tensor of finite floating-point numbers as float32 [N, D]."""
     if not torch.is_tensor(value) or value.ndim not in (1, 2) or value.numel() == 0:
         shape = list(value.shape) if torch.is_tensor(value) else type(value).__name__
         raise EmbeddingError(f"{where} is {shape}, not a [vectors, width] tensor")
-    return value.detach().float().reshape(-1, value.shape[-1])  # [N, D]
+    if not value.is_floating_point():
+        raise EmbeddingError(f"{where} holds {value.dtype} numbers, not floating-point vectors: the file is damaged "
+                             "or not an embedding")
+    count, width = (1, value.shape[0]) if value.ndim == 1 else tuple(value.shape)
+    if count > MAX_VECTORS or width > MAX_WIDTH:  # before converting: a pickled tensor may expand a tiny storage
+        raise EmbeddingError(f"{where} is {list(value.shape)}: an embedding has at most {MAX_VECTORS} vectors (a "
+                             f"prompt holds {MAX_VECTORS} tokens) no wider than {MAX_WIDTH}")
+    matrix = value.detach().float().reshape(count, width)  # [N, D]
+    if not torch.isfinite(matrix).all():
+        raise EmbeddingError(f"{where} holds NaN or infinite values: the file is damaged")
+    return matrix
 
 
 def vectors_in(obj: Any, where: str) -> dict[str, torch.Tensor]:
