@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +23,12 @@ START_OF_TEXT_ID = 49406
 END_OF_TEXT_ID = 49407
 CONTEXT_LENGTH = 77
 END_OF_WORD = "</w>"
+# A word longer than this (in UTF-8 bytes) is read in pieces of this length, each merged on its own: merging is
+# O(n log n) in a word's length, and no real word comes near it (CLIP's longest token is 32 bytes, and 75 tokens fill
+# a prompt). Under it, ids are those of the reference tokenizers whatever the word.
+MAX_WORD_BYTES = 4096
+# Words this long and shorter are remembered (prompts repeat words); longer ones would only fill memory.
+MAX_CACHED_WORD = 256
 
 # How the start / end tokens are spelt when a prompt contains them literally: OpenAI CLIP and HF (SD 1.x) vs open_clip
 # (SD 2.x). Either way they get ids 49406 / 49407.
@@ -66,8 +73,63 @@ def load_vocabulary(path: Path = VOCABULARY_PATH) -> tuple[dict[str, int], dict[
     return ids, ranks
 
 
+@functools.lru_cache(maxsize=None)
+def merge_table() -> tuple[list[int], dict[int, int], list[int]]:
+    """The vocabulary as `bpe_ids` reads it: (id of each byte value 0-255, (left id << 16 | right id) -> merge rank,
+    id of each merge's result by rank). Ids are below 2**16."""
+    ids, ranks = load_vocabulary()
+    mapping = byte_to_unicode()
+    byte_ids = [ids[mapping[byte]] for byte in range(256)]
+    merges = {ids[left] << 16 | ids[right]: rank for (left, right), rank in ranks.items()}
+    merged_ids = [ids[left + right] for left, right in sorted(ranks, key=ranks.__getitem__)]
+    # what makes heap order equal to the reference's pass order: every merge's parts exist before it
+    made_at = {ids[left + right]: rank for (left, right), rank in ranks.items()}
+    if any(made_at.get(ids[part], -1) >= rank for (left, right), rank in ranks.items() for part in (left, right)):
+        raise ValueError("the BPE merges use a symbol before the merge that makes it; not CLIP's vocabulary")
+    return byte_ids, merges, merged_ids
+
+
+def bpe_ids(data: bytes, end_of_word: bool = True) -> list[int]:
+    """Token ids of one word's UTF-8 bytes: merge the best-ranked adjacent pair, leftmost first, until none is.
+    `end_of_word`: the last byte ends the word (False for a piece of an overlong word).
+
+    This is CLIP's BPE: the reference implementations merge every occurrence of the best pair in one pass, left to
+    right, which gives the same result because a merge never makes a pair ranked before its own (each merge's parts
+    are made by earlier merges). A heap of candidate pairs over a linked list of symbols makes it O(n log n) rather
+    than O(n^2), as the Hugging Face tokenizers library does.
+    """
+    byte_ids, merges, merged_ids = merge_table()
+    symbols = [byte_ids[byte] for byte in data]  # -1 once merged into the symbol on its left
+    if end_of_word:
+        symbols[-1] += len(byte_ids)  # the last byte carries the end-of-word marker: "x</w>" is id("x") + 256
+    count = len(symbols)
+    following = list(range(1, count + 1))  # index of the next live symbol; `count` past the end
+    preceding = list(range(-1, count - 1))
+    queue = [(rank, left) for left in range(count - 1)
+             if (rank := merges.get(symbols[left] << 16 | symbols[left + 1])) is not None]
+    heapq.heapify(queue)
+    while queue:
+        rank, left = heapq.heappop(queue)
+        right = following[left]
+        # stale when either symbol has changed since the pair was queued
+        if right >= count or symbols[left] < 0 or merges.get(symbols[left] << 16 | symbols[right]) != rank:
+            continue
+        merged = symbols[left] = merged_ids[rank]
+        symbols[right] = -1
+        after = following[left] = following[right]
+        if after < count:
+            preceding[after] = left
+            if (pair_rank := merges.get(merged << 16 | symbols[after])) is not None:
+                heapq.heappush(queue, (pair_rank, left))
+        before = preceding[left]
+        if before >= 0 and (pair_rank := merges.get(symbols[before] << 16 | merged)) is not None:
+            heapq.heappush(queue, (pair_rank, before))
+    return [symbol for symbol in symbols if symbol >= 0]
+
+
 def bpe_symbols(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Split one byte-mapped word into BPE symbols: merge the best-ranked adjacent pair, everywhere, until none is."""
+    """Split one byte-mapped word into BPE symbols as the reference implementations do (every occurrence of the
+    best-ranked pair merged per pass; O(n^2) in the word's length): the plain statement of what `bpe_ids` computes."""
     symbols = [*word[:-1], word[-1] + END_OF_WORD]
     while len(symbols) > 1:
         ranked = [(ranks[pair], pair) for pair in zip(symbols, symbols[1:]) if pair in ranks]
@@ -126,15 +188,23 @@ class CLIPTokenizer:
         return cls(unescape_html=True, special_tokens=OPEN_CLIP_SPECIAL_TOKENS, pad_token_id=0)
 
     def word_ids(self, word: str) -> list[int]:
-        """Ids of one word of the split prompt, cached since prompts repeat words."""
+        """Ids of one word of the split prompt, cached since prompts repeat words. A word longer than
+        `MAX_WORD_BYTES` is read in pieces of that length, only the last of which ends the word."""
         if word in self.special_tokens:
             return [self.special_tokens[word]]
         cached = self.cache.get(word)
         if cached is None:
-            ids, ranks = load_vocabulary()
-            byte_word = "".join(self.byte_map[byte] for byte in word.encode("utf-8"))
-            cached = [ids[symbol] for symbol in bpe_symbols(byte_word, ranks)]
-            self.cache[word] = cached
+            data = word.encode("utf-8")
+            pieces = [data[start:start + MAX_WORD_BYTES] for start in range(0, len(data), MAX_WORD_BYTES)]
+            known: dict[bytes, list[int]] = {}  # a long word is often one piece repeated
+            cached = []
+            for piece in pieces[:-1]:
+                if piece not in known:
+                    known[piece] = bpe_ids(piece, end_of_word=False)
+                cached += known[piece]
+            cached += bpe_ids(pieces[-1])
+            if len(word) <= MAX_CACHED_WORD:
+                self.cache[word] = cached
         return cached
 
     def add_placeholder(self, word: str, ids: Sequence[int]) -> None:
