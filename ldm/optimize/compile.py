@@ -77,29 +77,34 @@ class CudaGraphCapture:
         return replay
 
 
-def _flatten(value: Any) -> tuple[list[torch.Tensor], Hashable]:
-    """The tensors in `value` (nested lists and tuples of tensors, None and numbers) and a hashable layout of the
-    rest, from which `_unflatten` rebuilds it around other tensors."""
+def _flatten(value: Any) -> tuple[list[torch.Tensor], Hashable] | None:
+    """The tensors in `value` (tensors, None, and lists and tuples of them) and a hashable layout from which
+    `_unflatten` rebuilds it around other tensors; None for anything else (a number would be fixed in the graph)."""
     if torch.is_tensor(value):
         return [value], "tensor"
-    if isinstance(value, (list, tuple)):
+    if value is None:
+        return [], "none"
+    if type(value) in (list, tuple):
         parts = [_flatten(item) for item in value]
+        if any(part is None for part in parts):
+            return None
         return [tensor for tensors, _ in parts for tensor in tensors], (type(value), tuple(part for _, part in parts))
-    return [], ("value", value)
+    return None
 
 
 def _unflatten(layout: Hashable, tensors: Iterator[torch.Tensor]) -> Any:
     if layout == "tensor":
         return next(tensors)
-    kind, content = layout
-    if kind == "value":
-        return content
-    return kind(_unflatten(part, tensors) for part in content)
+    if layout == "none":
+        return None
+    kind, parts = layout
+    return kind(_unflatten(part, tensors) for part in parts)
 
 
 class GraphedUNet:
     """A UNet's `graph_runner`: replays its computation from a captured accelerator graph for each signature of its
     arguments (x, timesteps, context, y, and ControlNet residuals: which are given, their shapes, dtypes, devices).
+    Arguments other than tensors, lists of tensors and None (a number as timestep) run as usual.
 
     The first call with a signature warms up and captures; later calls copy their arguments into the captured
     buffers and replay. ControlNets attached with ldm.controlnet.attach_controlnet run before the UNet, and their
@@ -114,15 +119,12 @@ class GraphedUNet:
         self.graphs: dict[Hashable, tuple[list[torch.Tensor], Callable[[], torch.Tensor]]] = {}
 
     def __call__(self, compute: Callable[..., torch.Tensor], *arguments: Any) -> torch.Tensor:
-        tensors, layout = _flatten(arguments)
-        if not self.capture.applies(tensors):
+        flat = _flatten(arguments)
+        if flat is None or not self.capture.applies(flat[0]):
             return compute(*arguments)
+        tensors, layout = flat
         key = (layout, tuple((tuple(tensor.shape), tensor.dtype, tensor.device) for tensor in tensors))
-        try:
-            known = key in self.graphs
-        except TypeError:  # an argument that cannot be part of a signature: run as usual
-            return compute(*arguments)
-        if not known:
+        if key not in self.graphs:
             static = [tensor.clone() for tensor in tensors]
             replay = self.capture.capture(lambda: compute(*_unflatten(layout, iter(static))), self.warmup_calls)
             self.graphs[key] = static, replay
