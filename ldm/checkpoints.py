@@ -142,9 +142,11 @@ def _safetensors_header(handle: Any, path: str | os.PathLike, size: int) -> tupl
                               f"{MAX_SAFETENSORS_HEADER} the format allows; the file is damaged")
     try:
         header = json.loads(handle.read(length))
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        reason = "it nests too deeply" if isinstance(error, RecursionError) else str(error)
-        raise CheckpointError(f"cannot read {path}: its safetensors header is damaged ({reason}); "
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: its safetensors header nests too deeply; the file is damaged or "
+                              "crafted") from None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: its safetensors header is damaged ({error}); "
                               "is the file complete?") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"cannot read {path}: its safetensors header is a {type(header).__name__}, not a map "
@@ -206,7 +208,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             return _map_safetensors(path), {}
         except (KeyError, TypeError, ValueError, OSError) as error:
             raise CheckpointError(f"cannot read {path}: {error} (is the file complete?)") from None
-    return unwrap_state_dict(_torch_load(path, file_format))
+    obj = _torch_load(path, file_format)
+    try:
+        return unwrap_state_dict(obj)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
 
 
 def read_object(path: str | os.PathLike) -> Any:

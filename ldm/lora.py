@@ -246,10 +246,15 @@ def check_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Te
     parameters on the meta device: a LoRA can be checked before the weights load). Returns the number of layers."""
     state_dict = lora_state_dict(lora)
     fitted = fitted_updates(model, state_dict)
+    check_finite(state_dict)
+    return len(fitted)
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """LoraError naming the first module whose lora_down, lora_up or alpha holds NaN or an infinity."""
     for name, update in group_lora_state_dict(state_dict).items():
         if not (torch.isfinite(update.down).all() and torch.isfinite(update.up).all()):
             raise LoraError(f"LoRA module {name} holds NaN or infinite weights: the file is damaged")
-    return len(fitted)
 
 
 @torch.no_grad()
@@ -261,8 +266,9 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Te
     Every module must exist and fit, or nothing is changed and LoraError says which; returns how many layers were
     changed. Merging is exact up to the weights' precision; applying again with -multiplier undoes it.
     """
-    deltas = [(target, update.delta(target.weight.shape))
-              for target, update in fitted_updates(model, lora_state_dict(lora))]
+    state_dict = lora_state_dict(lora)
+    deltas = [(target, update.delta(target.weight.shape)) for target, update in fitted_updates(model, state_dict)]
+    check_finite(state_dict)
     if not all(torch.isfinite(delta).all() for _, delta in deltas):
         raise LoraError("the LoRA's changes to the weights hold NaN or infinite values (its weights are damaged or "
                         "too large): nothing was changed")
