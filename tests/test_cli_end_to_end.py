@@ -42,7 +42,7 @@ def test_files_grid_and_seeds_of_a_default_style_run(cli, tmp_path):
     status, stdout, stderr = cli("--n_samples", 2, "--n_iter", 2, "--seed", 100, "--prompt", "a red cube")
     assert status == 0, stderr
     assert sample_names(out) == ["00000.png", "00001.png", "00002.png", "00003.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["grid-0000.png", "grid-0000.yaml", "samples"]
+    assert sorted(p.name for p in out.iterdir()) == ["grid-0000.png", "grid-0000.yaml", "manifest.jsonl", "samples"]
     for index in range(4):
         path = out / "samples" / f"{index:05d}.png"
         assert pixels(path).shape == (SIZE, SIZE, 3)
@@ -81,12 +81,12 @@ def test_second_run_continues_numbering_and_keeps_earlier_files(cli, tmp_path):
 
 
 def test_a_name_taken_meanwhile_is_skipped_not_overwritten(cli, tmp_path, monkeypatch):
-    import ldm.cli.txt2img as txt2img
+    import ldm.cli.job as job
 
     out = tmp_path / "out"
     (out / "samples").mkdir(parents=True)
     (out / "samples" / "00000.png").write_bytes(b"written by a concurrent run")
-    monkeypatch.setattr(txt2img, "next_sample_number", lambda directory: 0)  # as if listed before it appeared
+    monkeypatch.setattr(job, "next_sample_number", lambda directory: 0)  # as if listed before it appeared
     assert cli("--skip_grid")[0] == 0
     assert (out / "samples" / "00000.png").read_bytes() == b"written by a concurrent run"
     assert sample_names(out) == ["00000.png", "00001.png"] and sidecar(out / "samples/00001.png")["seed"] == 42
@@ -98,10 +98,10 @@ def test_n_rows_skip_flags_and_no_metadata(cli, tmp_path):
     assert pixels(out / "grid-0000.png").shape == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)
     out = tmp_path / "skip_save"
     assert cli("--n_samples", 2, "--skip_save", outdir=out)[0] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["grid-0000.png", "grid-0000.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["grid-0000.png", "grid-0000.yaml", "manifest.jsonl"]
     out = tmp_path / "skip_grid"
     assert cli("--n_samples", 2, "--skip_grid", outdir=out)[0] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["samples"] and len(sample_names(out)) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl", "samples"] and len(sample_names(out)) == 2
     out = tmp_path / "plain"
     assert cli("--no_metadata", outdir=out)[0] == 0
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png"]

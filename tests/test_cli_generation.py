@@ -155,16 +155,17 @@ def test_simulated_out_of_memory_gives_the_same_images_in_sub_batches(cli, tmp_p
     status, err = cli("--n_samples", 2, outdir=tmp_path / "none")
     assert status == 1 and ("error: out of memory on cpu while sampling one 32x32 image: try --attention_slicing, "
                             "--offload model, --offload sequential, --bf16 or a smaller --H/--W than 32x32") in err
-    assert "Traceback" not in err and not (tmp_path / "none").exists()
+    assert "Traceback" not in err and not list((tmp_path / "none").rglob("*.png"))  # no image, the failure recorded
+    assert '"status": "failed"' in (tmp_path / "none" / "manifest.jsonl").read_text()
 
 
 def test_interrupted_run_leaves_every_earlier_file_complete(cli, tmp_path, monkeypatch):
-    import ldm.cli.txt2img as txt2img
+    import ldm.cli.job as job
 
     out = tmp_path / "out"
     assert cli("--n_samples", 1, outdir=out)[0] == 0
     before = {path.name: path.read_bytes() for path in (out / "samples").iterdir()}
-    real_encode, encoded = txt2img.encode_png, []
+    real_encode, encoded = job.encode_png, []
 
     def killed_on_the_third(*args):
         encoded.append(1)
@@ -172,7 +173,7 @@ def test_interrupted_run_leaves_every_earlier_file_complete(cli, tmp_path, monke
             raise KeyboardInterrupt
         return real_encode(*args)
 
-    monkeypatch.setattr(txt2img, "encode_png", killed_on_the_third)
+    monkeypatch.setattr(job, "encode_png", killed_on_the_third)
     status, err = cli("--n_samples", 2, "--n_iter", 2, outdir=out)
     assert status == 130 and "interrupted; 2 file(s) were saved completely" in err
     names = sorted(path.name for path in (out / "samples").iterdir())
@@ -181,8 +182,9 @@ def test_interrupted_run_leaves_every_earlier_file_complete(cli, tmp_path, monke
     for name in ("00001.png", "00002.png"):
         with Image.open(out / "samples" / name) as image:
             image.load()
-    assert sorted(path.name for path in out.iterdir()) == ["grid-0000.png", "grid-0000.yaml", "samples"]
-    monkeypatch.setattr(txt2img, "encode_png", real_encode)
+    assert sorted(path.name for path in out.iterdir()) == ["grid-0000.png", "grid-0000.yaml", "manifest.jsonl",
+                                                           "samples"]
+    monkeypatch.setattr(job, "encode_png", real_encode)
     assert cli(outdir=out)[0] == 0
     assert (out / "samples/00003.png").exists() and (out / "grid-0001.png").exists()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from image_files import sidecar
-from ldm.cli import txt2img as txt2img_cli
+from ldm.cli import job
 from ldm.cli.outputs import write_new_files
 from ldm.cli.prompts import MAX_PROMPTS
 from ldm.pipeline.decoding import is_out_of_memory
@@ -54,7 +54,7 @@ def test_the_cli_never_overwrites_a_sidecar_made_meanwhile(txt2img, tmp_path, mo
     out = tmp_path / "out"
     (out / "samples").mkdir(parents=True)
     (out / "samples" / "00000.yaml").write_text("made by another run after this one listed the folder")
-    monkeypatch.setattr(txt2img_cli, "next_sample_number", lambda directory: 0)
+    monkeypatch.setattr(job, "next_sample_number", lambda directory: 0)
     status, _, err = txt2img("--skip_grid", outdir=out)
     assert status == 0, err
     assert (out / "samples" / "00000.yaml").read_text() == "made by another run after this one listed the folder"

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--v_prediction", action="store_true",
         help="an SD 2.x checkpoint predicts v (default: guessed from '768' in the file name); used without --config")
     add("--no_metadata", action="store_true", help="write neither the PNG parameters chunk nor the .yaml sidecars")
+    add("--resume", action="store_true",
+        help="run the same command again and make only the images its manifest.jsonl does not list as done (any "
+             "number of processes, under torchrun too)")
     add("--watermark", action="store_true",
         help="add the CompVis invisible watermark; needs the invisible-watermark package (default: off)")
     add("--safety_checker", type=str, default=None, metavar="PATH",

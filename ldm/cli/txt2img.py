@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from ldm.checkpoints import CheckpointError
 from ldm.cli.arguments import check_counts, lora_specs, parse_args
-from ldm.cli.images import MissingDependency, Watermarker, make_grid
-from ldm.cli.outputs import GRID_DIGITS, SAMPLE_DIGITS, next_grid_number, next_sample_number, write_new_files
+from ldm.cli.distributed import join_world, rank_device
+from ldm.cli.images import MissingDependency, Watermarker
+from ldm.cli.job import Job, Outputs, RankTotals
 from ldm.cli.plan import (RunPlan, apply_compat_flags, check_files, fill_model_defaults, peek_config, plan_batches,
                           read_jobs)
 from ldm.cli.prompts import PromptFileError
@@ -26,9 +26,8 @@ from ldm.cli.summary import RunSummary
 from ldm.loading import LoadError
 from ldm.pipeline import AddOn, ControlNet, Embeddings, Loras, Options, Pipeline, Refiner
 from ldm.pipeline.addons.refiner import DEFAULT_SWITCH
-from ldm.pipeline.decoding import black_images
 from ldm.pipeline.errors import GenerationError, UsageError
-from ldm.pipeline.metadata import ImageRecord, check_made_by, encode_png, parameters_text, sidecar_text
+from ldm.pipeline.metadata import check_made_by
 from ldm.pipeline.model_info import check_latent_flags
 
 PROG = "txt2img.py"
@@ -50,6 +49,7 @@ class Shell:
 
     def __init__(self, opt: argparse.Namespace):
         started = time.perf_counter()
+        self.world = join_world(opt.device)  # torchrun's processes meet here; nothing is printed before
         apply_compat_flags(opt)
         self.prepare(opt)
         fill_model_defaults(opt, peek_config(opt))
@@ -69,17 +69,15 @@ class Shell:
             opt.prompt_weighting = True  # the recorded image read its prompts with weights
         self.requests = self.plan.requests(opt.prompt_weighting)
         self.addons = self.make_addons()
-        self.setup = Pipeline.check(opt.ckpt, opt.config, opt.device, opt.precision, addons=self.addons,
-                                    requests=self.requests, options=options_from_flags(opt), note=self.note,
-                                    info=info)
+        self.setup = Pipeline.check(opt.ckpt, opt.config, rank_device(self.world, opt.device), opt.precision,
+                                    addons=self.addons, requests=self.requests, options=options_from_flags(opt),
+                                    note=self.note, info=self.info)
         check_latent_flags(opt.f, opt.C, self.setup.config)
         self.watermarker = Watermarker() if opt.watermark else None
         self.safety_checker = self.make_safety_checker()
         self.summary = RunSummary(self.setup.device, self.setup.dtype, started=started)
-        self.sample_dir = Path(opt.outdir) / "samples"
-        self.next_sample: int | None = None  # found when the first image is saved: nothing is written before
-        self.saved: list[Path] = []
         self.watermark_failed = False
+        self.ranks: list[RankTotals] = []
 
     # --- flags to add-ons ------------------------------------------------------------------------------------------
     def prepare(self, opt: argparse.Namespace) -> None:
@@ -135,7 +133,12 @@ class Shell:
 
     # --- messages --------------------------------------------------------------------------------------------------
     def note(self, message: str) -> None:
-        print(f"{self.prog}: note: {message}", file=sys.stderr, flush=True)
+        if self.world.leader:  # under torchrun every process would say the same
+            print(f"{self.prog}: note: {message}", file=sys.stderr, flush=True)
+
+    def info(self, message: str) -> None:
+        if self.world.leader:
+            print(message, flush=True)
 
     def note_recorded_differences(self) -> None:
         """--metadata_from: name what this run does differently from the recorded image."""
@@ -166,34 +169,24 @@ class Shell:
             self.summary.warm_up = self.pipeline.warm_up(self.requests)
 
     def generate(self) -> None:
+        """This process's share of the run (all of it without torchrun), then, on rank 0, the grid and summary."""
         opt = self.opt
-        grid_images: list[np.ndarray] = []
-        records: list[ImageRecord] = []
-        entries: list[dict[str, Any]] = []
-        requests = iter(zip(self.plan.batches, self.requests))
-        for iteration in tqdm(range(opt.n_iter), desc="Sampling", disable=opt.n_iter == 1):
-            for _ in tqdm(range(self.plan.batches_per_iteration[iteration]), desc="data", leave=False):
-                batch, request = next(requests)
-                result = self.pipeline(request)
-                self.summary.add_batch(request.batch_size, result.steps, result.sampling_seconds,
-                                       result.decoding_seconds)
-                pixels, flagged = self.finish_pixels(result.pixels)
-                for image, image_pixels, record, was_flagged, is_black in zip(batch, pixels, result.records, flagged,
-                                                                              black_images(pixels)):
-                    label, entry = f"image {image.index} (seed {image.seed})", record.to_mapping()
-                    if not opt.skip_save:
-                        path = self.writing(self.save_sample, image_pixels, record)
-                        label, entry["file"] = str(path), f"samples/{path.name}"
-                    if was_flagged:
-                        self.note(f"{label}: flagged by the safety checker, replaced by a black image")
-                    elif is_black:
-                        self.note(f"{label}: the model produced an entirely black image")
-                    if not opt.skip_grid:
-                        grid_images.append(image_pixels)
-                        records.append(record)
-                        entries.append(entry)
-        if grid_images:
-            self.saved.append(self.writing(self.save_grid, grid_images, records[0], entries))
+        outputs = Outputs(Path(opt.outdir), opt.skip_save, opt.skip_grid, opt.no_metadata,
+                          opt.n_rows if opt.n_rows > 0 else opt.n_samples, opt.resume)
+        identity = [self.prog, Path(opt.ckpt).name, [type(addon).__name__ for addon in self.addons],
+                    self.plan.batches_per_iteration]
+        self.job = Job(list(zip(self.plan.batches, self.requests)), outputs, self.world, identity, self.note)
+        try:
+            totals = self.job.run(self.pipeline, self.finish_pixels)
+            self.summary.add_batch(totals.images, totals.steps, totals.sampling_seconds, totals.decoding_seconds)
+            self.ranks = self.job.finish()
+        except OSError as error:  # a full disk or a read-only folder: one line, the files made so far stay
+            raise GenerationError(f"cannot write to {opt.outdir}: {error.strerror or error}; free some space or pick "
+                                  f"another --outdir") from None
+        failed = [reason for rank in self.ranks for reason in rank.failed]
+        if failed:
+            raise GenerationError(f"{failed[0]} ({len(failed)} batch(es) failed, recorded in {self.job.manifest.path}; "
+                                  f"--resume makes them again)")
 
     def finish_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, list[bool]]:
         """Safety checker (flagged images become black) and watermark; returns the pixels and the flags."""
@@ -212,41 +205,11 @@ class Shell:
                     self.watermark_failed = True
         return pixels, flagged
 
-    # --- files -----------------------------------------------------------------------------------------------------
-    def save_sample(self, pixels: np.ndarray, record: ImageRecord) -> Path:
-        if self.next_sample is None:
-            self.next_sample = next_sample_number(self.sample_dir)
-        paths, number = write_new_files(self.sample_dir, f"{{:0{SAMPLE_DIGITS}d}}", self.next_sample,
-                                        self.image_files(pixels, record, record.to_mapping()))
-        self.next_sample = number + 1
-        self.saved.append(paths[0])
-        return paths[0]
-
-    def save_grid(self, grid_images: list[np.ndarray], first: ImageRecord, entries: list[dict[str, Any]]) -> Path:
-        outdir = Path(self.opt.outdir)
-        per_row = self.opt.n_rows if self.opt.n_rows > 0 else self.opt.n_samples
-        paths, _ = write_new_files(outdir, f"grid-{{:0{GRID_DIGITS}d}}", next_grid_number(outdir),
-                                   self.image_files(make_grid(grid_images, per_row), first, {"images": entries}))
-        return paths[0]
-
-    def image_files(self, pixels: np.ndarray, record: ImageRecord, sidecar: dict[str, Any]) -> dict[str, bytes]:
-        """{suffix: bytes}: the PNG (with its "parameters" text) and its .yaml sidecar; the PNG alone with
-        --no_metadata."""
-        if self.opt.no_metadata:
-            return {".png": encode_png(pixels, None)}
-        return {".png": encode_png(pixels, parameters_text(record)), ".yaml": sidecar_text(sidecar).encode("utf-8")}
-
-    def writing(self, save: Callable[..., Path], *args: Any) -> Path:
-        """`save(*args)`, with a full disk or a read-only folder reported in one line (earlier files stay)."""
-        try:
-            return save(*args)
-        except OSError as error:
-            raise GenerationError(f"cannot write to {self.opt.outdir}: {error.strerror or error}; free some space "
-                                  f"or pick another --outdir") from None
-
-
-def info(message: str) -> None:
-    print(message, flush=True)
+    @property
+    def saved(self) -> list[Path]:
+        """The files this process has written completely so far."""
+        job = getattr(self, "job", None)
+        return job.saved if job is not None else []
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = PROG,
@@ -254,15 +217,18 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG,
     """Run txt2img (or, with another script's `prog`, `parse` and `shell`, that script) with command-line `argv`;
     returns the exit status (0 done, 1 failed, 2 bad input)."""
     run = None
+    leader = True
     try:
         run = shell(parse(argv))
+        leader = run.world.leader
         run.load()
         run.warm_up()
         run.generate()
     except SystemExit as exit_request:  # --help
         return exit_request.code if isinstance(exit_request.code, int) else 0
     except (UsageError, LoadError, CheckpointError, PromptFileError, MissingDependency) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        if leader:  # every process checked the same and found the same: one message
+            print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     except GenerationError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
@@ -271,7 +237,23 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG,
         saved = len(run.saved) if run is not None else 0
         print(f"{prog}: interrupted; {saved} file(s) were saved completely, none partially", file=sys.stderr)
         return 130
-    for line in run.summary.lines():
-        print(line)
-    print(f"Your samples are ready and waiting for you here: \n{run.opt.outdir} \n \nEnjoy.")
+    finally:
+        if run is not None:
+            run.world.close()
+    if leader:
+        for line in run.summary.lines() + run_lines(run.ranks):
+            print(line)
+        print(f"Your samples are ready and waiting for you here: \n{run.opt.outdir} \n \nEnjoy.")
     return 0
+
+
+def run_lines(ranks: Sequence[RankTotals]) -> list[str]:
+    """Under torchrun: the whole run's images and rate, each rank's, and the slowest."""
+    if len(ranks) <= 1:
+        return []
+    images, slowest = sum(rank.images for rank in ranks), max(ranks, key=lambda rank: rank.seconds)
+    per_rank = ", ".join(f"rank {rank.rank} {rank.images} in {rank.seconds:.2f} s "
+                         f"({rank.images / rank.seconds if rank.seconds else 0:.2f}/s)" for rank in ranks)
+    rate = images / slowest.seconds if slowest.seconds else 0.0
+    return [f"processes: {len(ranks)}; images: {images} in {slowest.seconds:.2f} s, {rate:.2f} images/s in all",
+            f"per process: {per_rank}; slowest: rank {slowest.rank}"]
