@@ -89,3 +89,17 @@ def test_a_huge_init_image_needs_an_asked_size(tmp_path, capsys, tiny_checkpoint
     assert "Loading model" not in out and not (tmp_path / "out").exists()
     assert img2img_main(flags + ["--W", "64", "--H", "64", "--skip_grid"]) == 0  # resized to the asked size
     assert (tmp_path / "out" / "samples" / "00000.png").exists()
+
+
+def test_a_config_naming_foreign_code_is_refused_unless_trusted(txt2img, tmp_path, tiny_config):
+    """The yaml beside a downloaded checkpoint names `collections.OrderedDict` as its text encoder's target: refused in
+    one line before anything is built; --trust_config lets it be built (and the model then fails to load, as that
+    class is no text encoder)."""
+    config = tmp_path / "foreign.yaml"
+    config.write_text(tiny_config.read_text().replace("ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                                                      "collections.OrderedDict"))
+    status, out, err = txt2img("--config", config, outdir=tmp_path / "out")
+    assert status == 2 and len(error_lines(err)) == 1 and "collections.OrderedDict" in err
+    assert "--trust_config" in err and "Loading model" not in out and not (tmp_path / "out").exists()
+    status, _, err = txt2img("--config", config, "--trust_config", outdir=tmp_path / "out")
+    assert "is outside this project" not in err and "Traceback" not in err

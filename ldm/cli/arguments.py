@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--v_prediction", action="store_true",
         help="an SD 2.x checkpoint predicts v (default: guessed from '768' in the file name); used without --config")
     add("--no_metadata", action="store_true", help="write neither the PNG parameters chunk nor the .yaml sidecars")
+    add("--trust_config", action="store_true",
+        help="let the yaml config (--config, or the .yaml beside the checkpoint) build classes from outside this "
+             "project and use ${...} interpolations: only for configs you trust (see docs/security.md)")
     add("--resume", action="store_true",
         help="run the same command again and make only the images its manifest.jsonl does not list as done (any "
              "number of processes, under torchrun too)")

@@ -200,6 +200,6 @@ def peek_config(opt: argparse.Namespace) -> Any | None:
     if not os.path.isfile(opt.ckpt):
         return None
     try:
-        return load_config(resolve_config(opt.ckpt, opt.config, opt.v_prediction or None))
+        return load_config(resolve_config(opt.ckpt, opt.config, opt.v_prediction or None), opt.trust_config)
     except LoadError:
         return None

@@ -37,7 +37,7 @@ def options_from_flags(opt: argparse.Namespace) -> Options:
     return Options(use_ema=True if opt.ema else None, v_prediction=opt.v_prediction or None, vae=opt.vae,
                    offload=opt.offload, attention_slicing=opt.attention_slicing, vae_tiling=opt.vae_tiling,
                    vae_slicing=opt.vae_slicing, compile=opt.compile, cuda_graphs=opt.cuda_graphs,
-                   hash_files=not opt.no_metadata)
+                   hash_files=not opt.no_metadata, trust_config=opt.trust_config)
 
 
 class Shell:

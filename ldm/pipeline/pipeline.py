@@ -50,7 +50,8 @@ class Options:
     """How the model is loaded and run: weights (`use_ema`, `v_prediction`, `vae`), memory modes (`offload`
     "model" | "sequential", `attention_slicing`, `vae_tiling` in tiles of `vae_tile` latent pixels, `vae_slicing`),
     speed (`fast_paths`: fused projections and the device's best kernels, same results to float rounding;
-    `compile`, `cuda_graphs`), and whether records carry file hashes (`hash_files`, hashed in a background thread)."""
+    `compile`, `cuda_graphs`), whether records carry file hashes (`hash_files`, hashed in a background thread), and
+    whether yaml configs may build classes from outside this project (`trust_config`; see docs/security.md)."""
 
     use_ema: bool | None = None
     v_prediction: bool | None = None
@@ -64,6 +65,7 @@ class Options:
     compile: bool = False
     cuda_graphs: bool = False
     hash_files: bool = True
+    trust_config: bool = False
 
     def __post_init__(self) -> None:
         if self.offload not in (None, *OFFLOAD_MODES):
@@ -160,7 +162,7 @@ class Pipeline:
         if precision_note and precision is not None:
             note(precision_note)
         config_path = resolve_config(ckpt, config, options.v_prediction)
-        setup = Setup(str(ckpt), config_path, load_config(config_path), chosen, dtype, options, list(addons), note,
+        setup = Setup(str(ckpt), config_path, load_config(config_path, options.trust_config), chosen, dtype, options, list(addons), note,
                       info)
         sampling = _sampling_addon(setup.addons)
         if sampling is not None:
@@ -171,7 +173,8 @@ class Pipeline:
         requests = [_with_size(request, _default_size(setup)) for request in requests]
         # the checkpoint (with the vae) must load with its config: checked on shapes only, nothing read
         setup.skeleton = check_loadable(ckpt, config_path, use_ema=options.use_ema,
-                                        v_prediction=options.v_prediction, vae=options.vae)
+                                        v_prediction=options.v_prediction, vae=options.vae,
+                                        trust_config=options.trust_config)
         check_against_model(requests, setup.config)
         for addon in setup.addons:
             addon.check(setup, requests)
@@ -193,7 +196,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         model = load_model(setup.ckpt, setup.config_path, device="cpu" if offload else device, dtype=setup.dtype,
                            use_ema=options.use_ema, v_prediction=options.v_prediction, vae=options.vae,
-                           timings=timings)
+                           timings=timings, trust_config=options.trust_config)
         pipeline = cls(setup, model, timings)
         for addon in setup.addons:
             addon.change_weights(pipeline)

@@ -80,7 +80,8 @@ class ControlNet(AddOn):
     def load(self, pipeline: Pipeline) -> None:
         pipeline.info(f"Loading ControlNet from {self.path}")
         try:
-            self.controlnet = load_controlnet(self.path, device=pipeline.device, dtype=pipeline.dtype)
+            self.controlnet = load_controlnet(self.path, device=pipeline.device, dtype=pipeline.dtype,
+                                              trust_config=pipeline.options.trust_config)
         except LoadError as error:
             raise UsageError(f"--controlnet: {error}") from None
         if not pipeline.options.hash_files:

@@ -64,8 +64,9 @@ class Refiner(AddOn):
             raise UsageError(f"--refiner {self.path} is not an SDXL refiner checkpoint (its weights are "
                              f"{family or 'not a model the loader reads'}): pass sd_xl_refiner_1.0.safetensors")
         try:
-            check_loadable(self.path)
-            refiner_config = load_config(resolve_config(self.path))
+            trust = setup.options.trust_config
+            check_loadable(self.path, trust_config=trust)
+            refiner_config = load_config(resolve_config(self.path), trust)
         except LoadError as error:
             raise UsageError(f"--refiner {self.path}: {error}") from None
         try:
@@ -82,7 +83,8 @@ class Refiner(AddOn):
 
     def load(self, pipeline: Pipeline) -> None:
         pipeline.info(f"Loading refiner from {self.path}")
-        self.model = load_model(self.path, device=pipeline.device, dtype=pipeline.dtype)
+        self.model = load_model(self.path, device=pipeline.device, dtype=pipeline.dtype,
+                                trust_config=pipeline.options.trust_config)
         optimize.apply_fast_paths(self.model, pipeline.device)
         pipeline.models.append(self.model)
 
