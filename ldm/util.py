@@ -43,9 +43,16 @@ PROJECT_PACKAGES = ("ldm", "sgm", "cldm")
 ALLOWED_TARGETS = frozenset({"torch.nn.Identity"})
 # Config entries that name a class to build: `target` everywhere, and sgm DiffusionEngine's UNet wrapper.
 NAME_KEYS = ("target", "network_wrapper")
+# The largest integer an untrusted config may hold where a build reads it: released configs stay under 3,000
+# (channels, widths, 1000 timesteps); a schedule or a size far beyond it only fills memory.
+MAX_CONFIG_INT = 1 << 16
 
 
-class UntrustedTargetError(ValueError):
+class UntrustedConfigError(ValueError):
+    """What an untrusted config may not do: name a class outside this project, or a number beyond MAX_CONFIG_INT."""
+
+
+class UntrustedTargetError(UntrustedConfigError):
     """A config names something outside this project's classes and `ALLOWED_TARGETS`, and was not trusted."""
 
 
@@ -117,22 +124,29 @@ def to_plain(config: Any) -> Any:
     return config
 
 
-def _built_names(config: Any) -> Iterator[tuple[Mapping, str]]:
-    """(mapping, key) of every class name in a plain config tree that a build may use: `NAME_KEYS` entries anywhere
-    except under the training-only `params` keys that building drops. Iterative: a config may nest deeply."""
-    stack: list[tuple[Any, bool]] = [(config, False)]
+def _used_values(config: Any) -> Iterator[tuple[str, Any, Any]]:
+    """(dotted path, container, key) of every value in a plain config tree that a build may use: all but those under
+    the training-only `params` keys that building drops. Iterative: a config may nest deeply."""
+    stack: list[tuple[Any, str, bool]] = [(config, "", False)]
     while stack:
-        node, is_params = stack.pop()
-        if isinstance(node, Mapping):
-            for key, value in node.items():
-                if is_params and key in IGNORED_CONFIG_KEYS:
-                    continue
-                if key in NAME_KEYS and value is not None and not isinstance(value, (Mapping, list, tuple)):
-                    yield node, key
-                else:
-                    stack.append((value, key == "params" and "target" in node))
-        elif isinstance(node, (list, tuple)):
-            stack.extend((item, False) for item in node)
+        node, where, is_params = stack.pop()
+        items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, (list, tuple)) \
+            else ()
+        for key, value in items:
+            if is_params and key in IGNORED_CONFIG_KEYS:
+                continue
+            path = f"{where}.{key}" if where else str(key)
+            if isinstance(value, (Mapping, list, tuple)):
+                stack.append((value, path, key == "params" and isinstance(node, Mapping) and "target" in node))
+            else:
+                yield path, node, key
+
+
+def _built_names(config: Any) -> Iterator[tuple[Mapping, str]]:
+    """(mapping, key) of every class name in a plain config tree that a build may use (`NAME_KEYS` entries)."""
+    for _, node, key in _used_values(config):
+        if isinstance(node, Mapping) and key in NAME_KEYS and node[key] is not None:
+            yield node, key
 
 
 def check_targets(config: Any) -> None:
@@ -141,6 +155,18 @@ def check_targets(config: Any) -> None:
     for node, key in _built_names(config):
         if not callable(node[key]):
             check_target_name(node[key])
+
+
+def check_numbers(config: Any) -> None:
+    """UntrustedConfigError for the first integer in `config` (a plain tree) beyond +-MAX_CONFIG_INT: sizes and
+    schedule lengths (`timesteps: 100000000` would fill memory with noise schedules while the model is built)."""
+    for where, node, key in _used_values(config):
+        value = node[key]
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+            digits = len(str(abs(value)))
+            shown = str(value) if digits <= 12 else f"a {digits}-digit number"
+            raise UntrustedConfigError(f"config value {where} is {shown}, beyond the {MAX_CONFIG_INT} any model "
+                                       f"needs; build it only if you trust the file (--trust_config)")
 
 
 def _plain_copy(config: Any) -> Any:
@@ -183,15 +209,19 @@ def find_interpolation(config: Any) -> str | None:
 def instantiate_from_config(config: Mapping[str, Any], *, trusted: bool = False, **extra: Any) -> Any:
     """Build `config["target"]` with `config["params"]`, as CompVis does; training-only keys are dropped.
 
-    Unless `trusted`, every class name in the config is checked first (UntrustedTargetError, a ValueError, naming
-    the first outside this project and `ALLOWED_TARGETS`), so nothing is imported or built for a config that names
-    one. `trusted`: build whatever the config names, in nested configs too."""
+    Unless `trusted`, the whole config is checked first: every class name (UntrustedTargetError, a ValueError,
+    naming the first outside this project and `ALLOWED_TARGETS`) and every integer (UntrustedConfigError beyond
+    MAX_CONFIG_INT), so nothing is imported or built for a config that fails. `trusted`: build whatever the config
+    names with whatever numbers, in nested configs too."""
     config = to_plain(config)
     if "target" not in config:
         if config in ("__is_first_stage__", "__is_unconditional__"):
             return None
         raise KeyError(f"expected key 'target' to instantiate, got keys {sorted(config)}")
-    config = _resolve_foreign(config) if trusted else config
+    if trusted:
+        config = _resolve_foreign(config)
+    else:
+        check_numbers(config)
     check_targets(config)
     params = strip_ignored_keys(dict(config.get("params") or {}))
     return get_obj_from_str(config["target"], trusted=trusted)(**params, **extra)

@@ -274,7 +274,10 @@ CONFIGS = {
     "a target that is a list": ("model.target", ["os", "system"], "is not a dotted path"),
     "params that are a list": ("model.params", [1, 2], "model.params is a ListConfig, not a mapping"),
     "a 10**400 channel count": (
-        "model.params.unet_config.params.model_channels", "BIGINT", "cannot build its model"),
+        "model.params.unet_config.params.model_channels", "BIGINT",
+        "config value params.unet_config.params.model_channels is a 401-digit number, beyond the 65536"),
+    "a noise schedule of 10**8 steps (gigabytes of buffers)": (
+        "model.params.timesteps", 100_000_000, "config value params.timesteps is 100000000, beyond the 65536"),
     "a negative channel count": (
         "model.params.unet_config.params.model_channels", -32, "cannot build its model"),
     "an OmegaConf interpolation doubling 40 times": (
@@ -547,7 +550,8 @@ def test_trust_builds_foreign_classes_nested_too():
         instantiate_on_meta(config)
     model = instantiate_on_meta(config, trusted=True)
     assert type(model.cond_stage_model) is torch.nn.Identity
-    assert instantiate_from_config({"target": "collections.OrderedDict", "params": {"a": 1}}, trusted=True) == {"a": 1}
+    assert instantiate_from_config({"target": "collections.OrderedDict", "params": {"a": 10**9}},
+                                   trusted=True) == {"a": 10**9}
     # training-only sections are dropped, not built, so their foreign targets are not refused
     assert type(instantiate_from_config({"target": "torch.nn.Identity", "params": {}})) is torch.nn.Identity
     released = OmegaConf.load(TINY_CONFIG).model
