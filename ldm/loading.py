@@ -17,7 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ldm.checkpoints import CheckpointError, PageReleaser, read_checkpoint, read_layout, read_shapes
-from ldm.util import find_interpolation, instantiate_from_config
+from ldm.util import check_numbers, find_interpolation, instantiate_from_config, to_plain
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
 CONFIGS = {"v1": "v1-inference.yaml", "v2": "v2-inference.yaml", "v2-v": "v2-inference-v.yaml",
@@ -211,7 +211,10 @@ def parameters_on_meta() -> MetaParameters:
 
 def instantiate_on_meta(config: Any, trusted: bool = False) -> nn.Module:
     """`instantiate_from_config(config, trusted=trusted)` with every parameter on the meta device and every computed
-    buffer real."""
+    buffer real. Unless `trusted`, the config's integers are bounded first (`ldm.util.check_numbers`): computed
+    buffers such as noise schedules are real, and sized by the config."""
+    if not trusted:
+        check_numbers(to_plain(config))
     with parameters_on_meta():
         model = instantiate_from_config(config, trusted=trusted)
     for name, parameter in [*model.named_parameters()]:

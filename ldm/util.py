@@ -43,8 +43,9 @@ PROJECT_PACKAGES = ("ldm", "sgm", "cldm")
 ALLOWED_TARGETS = frozenset({"torch.nn.Identity"})
 # Config entries that name a class to build: `target` everywhere, and sgm DiffusionEngine's UNet wrapper.
 NAME_KEYS = ("target", "network_wrapper")
-# The largest integer an untrusted config may hold where a build reads it: released configs stay under 3,000
-# (channels, widths, 1000 timesteps); a schedule or a size far beyond it only fills memory.
+# The largest integer an untrusted model config may hold where a build reads it: released configs stay under 3,000
+# (channels, widths, 1000 timesteps); a schedule or a size far beyond it only fills memory. (Training data configs,
+# the user's own, are not bounded: a data set may well hold a million items.)
 MAX_CONFIG_INT = 1 << 16
 
 
@@ -209,19 +210,16 @@ def find_interpolation(config: Any) -> str | None:
 def instantiate_from_config(config: Mapping[str, Any], *, trusted: bool = False, **extra: Any) -> Any:
     """Build `config["target"]` with `config["params"]`, as CompVis does; training-only keys are dropped.
 
-    Unless `trusted`, the whole config is checked first: every class name (UntrustedTargetError, a ValueError,
-    naming the first outside this project and `ALLOWED_TARGETS`) and every integer (UntrustedConfigError beyond
-    MAX_CONFIG_INT), so nothing is imported or built for a config that fails. `trusted`: build whatever the config
-    names with whatever numbers, in nested configs too."""
+    Unless `trusted`, every class name in the config is checked first (UntrustedTargetError, a ValueError, naming
+    the first outside this project and `ALLOWED_TARGETS`), so nothing is imported or built for a config that names
+    one. `trusted`: build whatever the config names, in nested configs too. Model loaders also bound the config's
+    numbers (`check_numbers`)."""
     config = to_plain(config)
     if "target" not in config:
         if config in ("__is_first_stage__", "__is_unconditional__"):
             return None
         raise KeyError(f"expected key 'target' to instantiate, got keys {sorted(config)}")
-    if trusted:
-        config = _resolve_foreign(config)
-    else:
-        check_numbers(config)
+    config = _resolve_foreign(config) if trusted else config
     check_targets(config)
     params = strip_ignored_keys(dict(config.get("params") or {}))
     return get_obj_from_str(config["target"], trusted=trusted)(**params, **extra)
