@@ -164,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompt_weighting", action="store_true",
         help="read prompts and negative prompts as AUTOMATIC1111 does: (word), [word], (word:1.2) weights, BREAK, "
              "and prompts past 75 tokens in chunks of 75 (default: off, plain text as CompVis, cut at 75 tokens)")
+    # AUTOMATIC1111's hires fix, with its API's names: on when --hr_scale or --hr_resize_x/_y is given.
+    add("--hr_scale", type=float, default=None,
+        help="hires fix: make each image at --W x --H, upscale it this many times and refine it in a second pass")
+    add("--hr_upscaler", type=str, default="Latent",
+        help="hires fix upscaler: Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+             "Latent (nearest), Latent (nearest-exact), Lanczos or Nearest")
+    add("--hr_second_pass_steps", type=int, default=0, help="hires fix: steps of the second pass (0: --ddim_steps)")
+    add("--hr_resize_x", type=int, default=0, help="hires fix: the second pass's width instead of --hr_scale")
+    add("--hr_resize_y", type=int, default=0, help="hires fix: the second pass's height instead of --hr_scale")
+    add("--denoising_strength", type=float, default=0.7,
+        help="hires fix: how much the second pass changes the upscaled image (0 to 1)")
     return parser
 
 

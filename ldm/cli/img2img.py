@@ -37,7 +37,9 @@ Each image's posterior sample and noise come from its own seed.
 # txt2img flags that make no sense here: hidden from --help and refused when given
 TXT2IMG_ONLY = {"laion400m": "selects CompVis' LAION-400M text-to-image model",
                 "refiner": "hands SDXL's text-to-image sampling over to a refiner",
-                "refiner_switch": "is where --refiner takes over"}
+                "refiner_switch": "is where --refiner takes over",
+                "hr_scale": "is txt2img's hires fix", "hr_resize_x": "is txt2img's hires fix",
+                "hr_resize_y": "is txt2img's hires fix", "hr_second_pass_steps": "is txt2img's hires fix"}
 
 
 def build_parser() -> argparse.ArgumentParser:

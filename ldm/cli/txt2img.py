@@ -25,6 +25,7 @@ from ldm.cli.safety import SafetyChecker
 from ldm.cli.summary import RunSummary
 from ldm.loading import LoadError
 from ldm.pipeline import AddOn, ControlNet, Embeddings, Loras, Options, Pipeline, Refiner
+from ldm.pipeline.addons.hires import HiresFix
 from ldm.pipeline.addons.refiner import DEFAULT_SWITCH
 from ldm.pipeline.errors import GenerationError, UsageError
 from ldm.pipeline.metadata import check_made_by
@@ -84,8 +85,16 @@ class Shell:
         """Adjust the flags before the plan is made (img2img: the size from the init image)."""
 
     def sampling_addon(self) -> AddOn | None:
-        """The add-on that decides how latents are made (none: from noise, or the refiner's hand-off)."""
-        return self.refiner_addon()
+        """The add-on that decides how latents are made (none: from noise; the refiner's hand-off; the hires fix)."""
+        opt = self.opt
+        refiner = self.refiner_addon()
+        if opt.hr_scale is None and not (opt.hr_resize_x or opt.hr_resize_y):
+            return refiner
+        if refiner is not None:
+            raise UsageError("--refiner and the hires fix (--hr_scale, --hr_resize_x/_y) cannot be combined yet: "
+                             "leave one out")
+        return HiresFix(2.0 if opt.hr_scale is None else opt.hr_scale, opt.hr_upscaler, opt.hr_second_pass_steps,
+                        opt.denoising_strength, opt.hr_resize_x, opt.hr_resize_y)
 
     def make_addons(self) -> list[AddOn]:
         addons: list[AddOn] = [self.loras, self.embeddings]

@@ -11,6 +11,7 @@ and the `Result` of each call. The scripts under `scripts/` turn flags into thes
 from ldm.pipeline.addons.base import AddOn, SampleCall
 from ldm.pipeline.addons.controlnet import ControlNet
 from ldm.pipeline.addons.embeddings import Embeddings
+from ldm.pipeline.addons.hires import HiresFix
 from ldm.pipeline.addons.init_image import InitImage, Inpaint
 from ldm.pipeline.addons.lora import Loras
 from ldm.pipeline.addons.refiner import Refiner
@@ -19,5 +20,5 @@ from ldm.pipeline.errors import GenerationError, UsageError
 from ldm.pipeline.pipeline import Options, Pipeline, Result, Setup
 from ldm.pipeline.request import Request
 
-__all__ = ["AddOn", "ControlNet", "Embeddings", "GenerationError", "InitImage", "Inpaint", "Loras", "Options",
+__all__ = ["AddOn", "ControlNet", "Embeddings", "GenerationError", "HiresFix", "InitImage", "Inpaint", "Loras", "Options",
            "Pipeline", "Refiner", "Request", "Result", "SampleCall", "Setup", "Upscale", "UsageError"]
