@@ -601,9 +601,9 @@ def test_a_131k_character_word_tokenizes_in_well_under_a_second():
     generator = random.Random(0)
     for word in ("".join(generator.choice(string.ascii_lowercase) for _ in range(131_072)), "a" * 131_072,
                  "\U0001f600" * 32_768):
-        start = time.perf_counter()
+        start = time.process_time()  # CPU time: other processes on a shared machine do not count
         ids = tokenizer.encode(word)
-        assert time.perf_counter() - start < 0.5 and len(ids) > 75
+        assert time.process_time() - start < 0.5 and len(ids) > 75
 
 
 @pytest.fixture(scope="module")
