@@ -103,3 +103,11 @@ def test_a_config_naming_foreign_code_is_refused_unless_trusted(txt2img, tmp_pat
     assert "--trust_config" in err and "Loading model" not in out and not (tmp_path / "out").exists()
     status, _, err = txt2img("--config", config, "--trust_config", outdir=tmp_path / "out")
     assert "is outside this project" not in err and "Traceback" not in err
+
+
+def test_a_pasted_book_as_a_weighted_prompt_is_refused_before_loading(txt2img, tmp_path):
+    book = "the quick brown fox jumps over the lazy dog " * 600  # 5,400 tokens
+    status, out, err = txt2img("--prompt", book, "--prompt_weighting", outdir=tmp_path / "out")
+    assert status == 2 and len(error_lines(err)) == 1
+    assert "has 5400 tokens, more than the 64 chunks of 75 that weighted prompts are read in" in err
+    assert "Loading model" not in out and not (tmp_path / "out").exists()

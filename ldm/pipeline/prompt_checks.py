@@ -10,6 +10,9 @@ from ldm.modules.encoders.prompt_weighting import has_weighting_syntax, parse_pr
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.request import Request
 
+CHUNK_TOKENS = 75  # A1111 reads a weighted prompt in chunks of 75 tokens
+MAX_CHUNKS = 64  # 4,800 tokens: far past any prompt made by hand
+
 
 def prompt_notes(requests: Sequence[Request], tokenizer: Any = None) -> list[str]:
     """The notes for `requests` (truncation for plainly read prompts, then weighting syntax read as text);
@@ -22,7 +25,19 @@ def prompt_notes(requests: Sequence[Request], tokenizer: Any = None) -> list[str
         weighting_notes(weighted, True)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    check_chunk_count(weighted, tokenizer)
     return truncation_notes(plain, tokenizer=tokenizer) + weighting_notes(plain, False)
+
+
+def check_chunk_count(prompts: list[str], tokenizer: Any = None) -> None:
+    """UsageError for a weighted prompt of more than MAX_CHUNKS chunks of 75 tokens: each chunk is encoded and
+    attended to at every step, so a pasted book would fill memory long after the check."""
+    tokenizer = tokenizer or CLIPTokenizer()
+    for prompt in dict.fromkeys(prompts):
+        tokens = len(tokenizer.encode(prompt))
+        if tokens > MAX_CHUNKS * CHUNK_TOKENS:
+            raise UsageError(f"prompt \"{shorten(prompt)}\" has {tokens} tokens, more than the {MAX_CHUNKS} chunks "
+                             f"of {CHUNK_TOKENS} that weighted prompts are read in: shorten it")
 
 
 def shorten(text: str, limit: int = 40) -> str:
