@@ -1,5 +1,5 @@
-"""--prompt_weighting: A1111's prompt syntax (its documented examples as known answers), chunks of 75 tokens with
-its comma rule, weights with the mean restored, cond/uncond chunk padding, SDXL, and the CLI flag end to end."""
+"""--prompt_weighting: chunks of 75 tokens with A1111's comma rule and BREAK, weights with the mean restored,
+cond/uncond chunk padding, SDXL, and the CLI flag end to end (the parser's answers: test_prompt_parser_a1111.py)."""
 from __future__ import annotations
 
 import types
@@ -13,39 +13,13 @@ from PIL import Image
 
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from ldm.modules.encoders.prompt_weighting import (PromptSyntaxError, encode_weighted, has_weighting_syntax,
-                                                   parse_prompt_attention, split_into_chunks, weighted_conditioning)
+                                                   parse_prompt_attention, prompt_chunks, split_into_chunks,
+                                                   weighted_conditioning)
 
 TEST_CONFIGS = Path(__file__).resolve().parent / "configs"
 
-# parse_prompt_attention's docstring in AUTOMATIC1111/stable-diffusion-webui modules/prompt_parser.py, plus the
-# BREAK and escape rules of the same function.
-A1111_EXAMPLES = [
-    ("normal text", [("normal text", 1.0)]),
-    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
-    ("(unbalanced", [("unbalanced", 1.1)]),
-    ("\\(literal\\]", [("(literal]", 1.0)]),
-    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
-    ("[faded]", [("faded", 1 / 1.1)]),
-    ("closed) only] here", [("closed) only] here", 1.0)]),
-    ("ratio 3:2 (x: 2)", [("ratio 3:2 ", 1.0), ("x: 2", 1.1)]),
-    ("a\\\\b \\c", [("a\\b c", 1.0)]),
-    ("cat BREAK dog", [("cat", 1.0), ("BREAK", None), ("dog", 1.0)]),
-    ("BREAKFAST", [("BREAKFAST", 1.0)]),
-    # ours: a BREAK inside brackets still breaks (A1111's weight -1 marker would be multiplied into a literal word)
-    ("(a BREAK b)", [("a", 1.1), ("BREAK", None), ("b", 1.1)]),
-    ("", [("", 1.0)]),
-]
-
-
-@pytest.mark.parametrize("text, expected", A1111_EXAMPLES)
-def test_parser_gives_a1111s_documented_answers(text, expected):
-    assert parse_prompt_attention(text) == expected
-
-
 def test_bad_weight_and_syntax_detection():
+    """The parser itself is checked against A1111's answers in test_prompt_parser_a1111.py."""
     with pytest.raises(PromptSyntaxError, match=r'the weight in ":1\.2\.3\)" \(character 5 .* is not a number'):
         parse_prompt_attention("x (a:1.2.3) y")
     assert not has_weighting_syntax("a castle on a hill: at dusk")
@@ -77,6 +51,25 @@ def test_chunks_of_75_move_words_after_a_near_comma_as_a1111_does():
     assert toy_chunks("a b BREAK c") == [["a", "b"], ["c"]]
     assert toy_chunks("BREAK c") == [[], ["c"]]  # A1111 closes the (empty) first chunk too
     assert toy_chunks("") == [[]]
+    # A1111 breaks only at a piece ["BREAK", -1]: inside brackets (weight -1.1) BREAK is a word of the chunk
+    assert toy_chunks("(a BREAK b)") == [["a", "BREAK", "b"]]
+    assert toy_chunks("(a BREAK b:-1)") == [["a", "BREAK", "b"]]  # weight +1: a word too
+    assert toy_chunks("x (B\\REAK:-1) y") == [["x"], ["y"]]  # the merged piece is ["BREAK", -1.0]: a break
+
+
+def test_break_inside_brackets_is_the_word_with_a_negated_weight(sd1_encoder):
+    """A1111 encodes the word BREAK inside brackets with the brackets' weight times -1, in the same chunk."""
+    chunks = prompt_chunks(sd1_encoder, "(cat BREAK dog)")
+    tokenize = sd1_encoder.tokenizer.encode
+    assert len(chunks) == 1 and chunks[0].tokens == tokenize("cat") + tokenize("BREAK") + tokenize("dog")
+    weights = [1.1] * len(tokenize("cat")) + [-1.1] * len(tokenize("BREAK")) + [1.1] * len(tokenize("dog"))
+    assert chunks[0].weights == weights
+    plain = sd1_encoder(["cat BREAK dog"])
+    scaled = plain.clone()
+    scaled[0, 1:1 + len(weights)] *= torch.tensor(weights)[:, None]
+    expected = scaled * (plain.mean() / scaled.mean())
+    torch.testing.assert_close(encode_weighted(sd1_encoder, ["(cat BREAK dog)"]), expected, rtol=1e-6, atol=1e-6)
+    assert encode_weighted(sd1_encoder, ["cat BREAK dog"]).shape == (1, 154, 32)
 
 
 def randomized(encoder: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -3,7 +3,8 @@
 Syntax (A1111's `parse_prompt_attention`): `(text)` multiplies the weight of `text` by 1.1, `[text]` divides it by
 1.1, `(text:1.5)` multiplies it by 1.5; nesting multiplies; `\\(`, `\\)`, `\\[`, `\\]`, `\\\\` are the characters
 themselves; a bracket never closed applies to the rest of the prompt, a closing bracket never opened is text;
-`BREAK` (a word in capitals) starts a new chunk.
+spaces may stand around an explicit weight (`(text: 1.5 )`); `BREAK` (a word in capitals) outside brackets starts a
+new chunk (inside brackets it is the word BREAK, with the brackets' weight negated, as A1111 reads it).
 
 Encoding (A1111's `FrozenCLIPEmbedderWithCustomWords`): the tokens are cut into chunks of 75 (a chunk that fills up
 gives the words after its last comma, if that comma is at most 20 tokens back, to the next chunk), each chunk is
@@ -28,12 +29,13 @@ ROUND_BRACKET_MULTIPLIER = 1.1
 COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"
 
 # One lexical unit, tried in this order: a backslash with the bracket or backslash it escapes (a lone backslash is
-# dropped), an opening bracket, an explicit weight closing a round bracket, a closing bracket, a run of plain text,
-# a colon that is not part of a weight.
-_ATTENTION_UNIT = re.compile(r"\\[()\[\]\\]?|[(\[]|:([+-]?[.\d]+)\)|[)\]]|[^\\()\[\]:]+|:")
+# dropped), an opening bracket, an explicit weight closing a round bracket (spaces allowed around the number), a
+# closing bracket, a run of plain text, a colon that is not part of a weight.
+_ATTENTION_UNIT = re.compile(r"\\[()\[\]\\]?|[(\[]|:\s*([+-]?[.\d]+)\s*\)|[)\]]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+BREAK_MARKER = -1  # the weight A1111 gives a BREAK piece; brackets around it multiply it, as any other weight
 
-Piece = tuple[str, float | None]  # (text, weight); weight None marks a BREAK
+Piece = list  # [text, weight], as A1111 returns them (lists, so that they compare equal to A1111's answers)
 
 
 class PromptSyntaxError(ValueError):
@@ -41,15 +43,20 @@ class PromptSyntaxError(ValueError):
 
 
 def parse_prompt_attention(text: str) -> list[Piece]:
-    """`text` as (text, weight) pieces in order, adjacent pieces of equal weight merged, BREAKs as (text, None)."""
-    pieces: list[list[Any]] = []
+    """`text` as [text, weight] pieces in order, exactly as A1111's function of this name returns them.
+
+    A `BREAK` outside brackets is the piece ["BREAK", -1]; brackets multiply its -1 like any weight (so a BREAK
+    inside brackets is no break for A1111's chunking, which tests for exactly -1, but the word "BREAK" weighted).
+    Adjacent pieces of equal weight are merged, BREAKs included. A weight A1111 would fail to read as a float
+    raises PromptSyntaxError (a ValueError) naming it; weights too large for a float become inf, as in A1111.
+    """
+    pieces: list[Piece] = []
     open_round: list[int] = []
     open_square: list[int] = []
 
     def multiply_from(start: int, multiplier: float) -> None:
         for piece in pieces[start:]:
-            if piece[1] is not None:
-                piece[1] *= multiplier
+            piece[1] *= multiplier
 
     for match in _ATTENTION_UNIT.finditer(text):
         unit, weight = match.group(0), match.group(1)
@@ -71,28 +78,33 @@ def parse_prompt_attention(text: str) -> list[Piece]:
             multiply_from(open_round.pop(), ROUND_BRACKET_MULTIPLIER)
         elif unit == "]" and open_square:
             multiply_from(open_square.pop(), 1 / ROUND_BRACKET_MULTIPLIER)
-        else:
+        else:  # text, or a bracket or weight that closes nothing
             for index, part in enumerate(_BREAK.split(unit)):
-                if index:  # A1111 marks it with weight -1, which brackets around it would change: None stays
-                    pieces.append(["BREAK", None])
+                if index:
+                    pieces.append(["BREAK", BREAK_MARKER])
                 pieces.append([part, 1.0])
     for start in open_round:  # never closed: the bracket reaches to the end
         multiply_from(start, ROUND_BRACKET_MULTIPLIER)
     for start in open_square:
         multiply_from(start, 1 / ROUND_BRACKET_MULTIPLIER)
-    merged: list[list[Any]] = []
+    merged: list[Piece] = []
     for piece in pieces or [["", 1.0]]:
-        if merged and piece[1] is not None and merged[-1][1] == piece[1]:
+        if merged and merged[-1][1] == piece[1]:
             merged[-1][0] += piece[0]
         else:
             merged.append(piece)
-    return [(text, weight) for text, weight in merged]
+    return merged
+
+
+def is_break(piece: Sequence[Any]) -> bool:
+    """Whether a parsed piece starts a new chunk: A1111 tests for the text BREAK with weight exactly -1."""
+    return piece[0] == "BREAK" and piece[1] == BREAK_MARKER
 
 
 def has_weighting_syntax(text: str) -> bool:
     """Whether A1111 would read `text` other than as plain text (weights, escapes or BREAK)."""
     try:
-        return parse_prompt_attention(text) != [(text, 1.0)]
+        return parse_prompt_attention(text) != [[text, 1.0]]
     except PromptSyntaxError:
         return True
 
@@ -117,10 +129,11 @@ def split_into_chunks(pieces: Sequence[Piece], encode: Callable[[str], list[int]
         chunks.append(chunk)
         chunk, last_comma = Chunk(), -1
 
-    for text, weight in pieces:
-        if weight is None:
+    for piece in pieces:
+        if is_break(piece):
             close_chunk()
             continue
+        text, weight = piece
         for token in encode(text):
             if token == comma_id:
                 last_comma = len(chunk.tokens)
