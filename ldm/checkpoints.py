@@ -318,10 +318,11 @@ def _cache_file() -> Path:
     return Path(root) / "latent-diffusion" / "model-hashes.json"
 
 
-def model_hash(path: str | os.PathLike) -> str:
-    """First 10 hex digits of the file's SHA-256 (the "Model hash" other tools print), cached by path/size/mtime."""
+def file_sha256(path: str | os.PathLike, tensor_data_only: bool = False) -> str:
+    """The SHA-256 (hex) of the file, or with `tensor_data_only` of a .safetensors file's bytes after its header
+    (the "addnet" hash AUTOMATIC1111 gives LoRA files); cached by path, size and mtime."""
     stat = os.stat(path)
-    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{'data' if tensor_data_only else 'file'}"
     cache_path = _cache_file()
     try:
         cache = json.loads(cache_path.read_text())
@@ -329,13 +330,15 @@ def model_hash(path: str | os.PathLike) -> str:
         cache = {}
     if not isinstance(cache, dict):
         cache = {}
-    if key in cache:
+    if isinstance(cache.get(key), str) and len(cache[key]) == 64:
         return cache[key]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
+        if tensor_data_only:
+            handle.seek(8 + int.from_bytes(handle.read(8), "little"))
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
-    cache[key] = digest.hexdigest()[:10]
+    cache[key] = digest.hexdigest()
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache_path.with_suffix(f".{os.getpid()}.tmp")
@@ -344,3 +347,19 @@ def model_hash(path: str | os.PathLike) -> str:
     except OSError:  # a read-only home only costs hashing again next time
         pass
     return cache[key]
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """First 10 hex digits of the file's SHA-256 (the "Model hash" other tools print)."""
+    return file_sha256(path)[:10]
+
+
+def lora_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's 12-hex shorthash of a LoRA file (its "Lora hashes"): of the tensor data for .safetensors (the
+    "addnet" hash), of the whole file otherwise."""
+    return file_sha256(path, tensor_data_only=str(path).lower().endswith(".safetensors"))[:12]
+
+
+def embedding_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's 12-hex shorthash of a textual-inversion file (its "TI hashes"): of the whole file."""
+    return file_sha256(path)[:12]

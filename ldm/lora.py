@@ -218,7 +218,8 @@ def unknown_hint(unknown: list[str], model: nn.Module) -> str:
     return ""
 
 
-def fitted_updates(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[tuple[LoraTarget, LoraUpdate]]:
+def fitted_updates(model: nn.Module,
+                   state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, LoraTarget, LoraUpdate]]:
     """Each module of a LoRA state dict with the weight of `model` it changes; LoraError unless every module exists
     and fits. Only names and shapes are looked at, so `model` may hold its parameters on the meta device."""
     num_res_blocks = list(model.model.diffusion_model.num_res_blocks)
@@ -238,7 +239,7 @@ def fitted_updates(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
             raise LoraError(f"LoRA module {name} has shapes down {list(update.down.shape)} / up "
                             f"{list(update.up.shape)} that do not fit the layer's weight {list(weight.shape)}: "
                             "is the LoRA made for another base model?")
-    return [(targets[name], update) for name, update in updates.items()]
+    return [(name, targets[name], update) for name, update in updates.items()]
 
 
 def check_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Tensor]) -> int:
@@ -259,20 +260,24 @@ def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Tensor],
-               multiplier: float = 1.0) -> int:
+               multiplier: float = 1.0, text_encoder_multiplier: float | None = None) -> int:
     """Merge `lora` (a file or its state dict) into `model` (a loaded LatentDiffusion or SDXL
-    DiffusionEngine) with weight `multiplier`.
+    DiffusionEngine) with weight `multiplier`, its text-encoder layers with `text_encoder_multiplier` (default: the
+    same; AUTOMATIC1111's `<lora:name:te:unet>` gives them apart).
 
     Every module must exist and fit, or nothing is changed and LoraError says which; returns how many layers were
     changed. Merging is exact up to the weights' precision; applying again with -multiplier undoes it.
     """
     state_dict = lora_state_dict(lora)
-    deltas = [(target, update.delta(target.weight.shape)) for target, update in fitted_updates(model, state_dict)]
+    text_multiplier = multiplier if text_encoder_multiplier is None else text_encoder_multiplier
+    deltas = [(target, update.delta(target.weight.shape),
+               multiplier if name.startswith(UNET_PREFIX) else text_multiplier)
+              for name, target, update in fitted_updates(model, state_dict)]
     check_finite(state_dict)
-    if not all(torch.isfinite(delta).all() for _, delta in deltas):
+    if not all(torch.isfinite(delta).all() for _, delta, _ in deltas):
         raise LoraError("the LoRA's changes to the weights hold NaN or infinite values (its weights are damaged or "
                         "too large): nothing was changed")
-    for target, delta in deltas:
+    for target, delta, scale in deltas:
         weight = target.weight
-        weight.copy_((weight.float() + multiplier * delta.to(weight.device)).to(weight.dtype))
+        weight.copy_((weight.float() + scale * delta.to(weight.device)).to(weight.dtype))
     return len(deltas)
