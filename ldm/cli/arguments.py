@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--v_prediction", action="store_true",
         help="an SD 2.x checkpoint predicts v (default: guessed from '768' in the file name); used without --config")
     add("--no_metadata", action="store_true", help="write neither the PNG parameters chunk nor the .yaml sidecars")
+    add("--lora_dir", type=str, default="models/Lora",
+        help="where the prompts' <lora:name:weight> tags find their files (name.safetensors, also in subfolders)")
     add("--trust_config", action="store_true",
         help="let the yaml config (--config, or the .yaml beside the checkpoint) build classes from outside this "
              "project and use ${...} interpolations: only for configs you trust (see docs/security.md)")

@@ -24,7 +24,7 @@ from ldm.cli.prompts import PromptFileError
 from ldm.cli.safety import SafetyChecker
 from ldm.cli.summary import RunSummary
 from ldm.loading import LoadError
-from ldm.pipeline import AddOn, ControlNet, Embeddings, Loras, Options, Pipeline, Refiner
+from ldm.pipeline import AddOn, ControlNet, Embeddings, Loras, Options, Pipeline, Refiner, prompt_lora_tags
 from ldm.pipeline.addons.hires import HiresFix
 from ldm.pipeline.addons.refiner import DEFAULT_SWITCH
 from ldm.pipeline.errors import GenerationError, UsageError
@@ -64,11 +64,12 @@ class Shell:
             except ValueError as error:
                 raise UsageError(str(error)) from None
         check_files(opt)
-        self.loras = Loras(lora_specs(opt.lora))
+        specs = lora_specs(opt.lora)
         self.embeddings = Embeddings(opt.embeddings)
         if opt.metadata_from and self.recorded.get("prompt_weighting"):
             opt.prompt_weighting = True  # the recorded image read its prompts with weights
         self.requests = self.plan.requests(opt.prompt_weighting)
+        self.loras = Loras(specs, prompt_lora_tags(self.requests), opt.lora_dir)
         self.addons = self.make_addons()
         self.setup = Pipeline.check(opt.ckpt, opt.config, rank_device(self.world, opt.device), opt.precision,
                                     addons=self.addons, requests=self.requests, options=options_from_flags(opt),

@@ -13,12 +13,13 @@ from ldm.pipeline.addons.controlnet import ControlNet
 from ldm.pipeline.addons.embeddings import Embeddings
 from ldm.pipeline.addons.hires import HiresFix
 from ldm.pipeline.addons.init_image import InitImage, Inpaint
-from ldm.pipeline.addons.lora import Loras
+from ldm.pipeline.addons.lora import Loras, prompt_lora_tags
 from ldm.pipeline.addons.refiner import Refiner
 from ldm.pipeline.addons.upscale import Upscale
 from ldm.pipeline.errors import GenerationError, UsageError
 from ldm.pipeline.pipeline import Options, Pipeline, Result, Setup
 from ldm.pipeline.request import Request
 
-__all__ = ["AddOn", "ControlNet", "Embeddings", "GenerationError", "HiresFix", "InitImage", "Inpaint", "Loras", "Options",
-           "Pipeline", "Refiner", "Request", "Result", "SampleCall", "Setup", "Upscale", "UsageError"]
+__all__ = ["AddOn", "ControlNet", "Embeddings", "GenerationError", "HiresFix", "InitImage", "Inpaint", "Loras",
+           "Options", "Pipeline", "Refiner", "Request", "Result", "SampleCall", "Setup", "Upscale", "UsageError",
+           "prompt_lora_tags"]

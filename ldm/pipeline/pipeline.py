@@ -28,8 +28,10 @@ from ldm.models.diffusion.samplers import sample
 from ldm.modules.encoders.prompt_weighting import weighted_conditioning
 from ldm.pipeline.addons.base import AddOn, SampleCall
 from ldm.pipeline.addons.embeddings import Embeddings
+from ldm.pipeline.addons.lora import Loras, prompt_lora_tags
 from ldm.pipeline.decoding import decode_to_pixels, free_accelerator_memory, run_in_sub_batches
 from ldm.pipeline.errors import UsageError
+from ldm.pipeline.extra_networks import strip_extra_networks
 from ldm.pipeline.memory import (check_request_memory, check_weights_fit, out_of_memory_advice,
                                  resident_weight_bytes, weight_bytes_by_part)
 from ldm.pipeline.metadata import ExtraField, ImageRecord
@@ -162,8 +164,8 @@ class Pipeline:
         if precision_note and precision is not None:
             note(precision_note)
         config_path = resolve_config(ckpt, config, options.v_prediction)
-        setup = Setup(str(ckpt), config_path, load_config(config_path, options.trust_config), chosen, dtype, options, list(addons), note,
-                      info)
+        setup = Setup(str(ckpt), config_path, load_config(config_path, options.trust_config), chosen, dtype, options,
+                      list(addons), note, info)
         sampling = _sampling_addon(setup.addons)
         if sampling is not None:
             sampling.check_model_kind(setup.config, setup.ckpt)
@@ -176,6 +178,9 @@ class Pipeline:
                                         v_prediction=options.v_prediction, vae=options.vae,
                                         trust_config=options.trust_config)
         check_against_model(requests, setup.config)
+        if prompt_lora_tags(requests) and not any(isinstance(addon, Loras) for addon in setup.addons):
+            raise UsageError("the prompts name <lora:...> tags but the pipeline has no Loras add-on to merge them: "
+                             "make it with Loras(tags=prompt_lora_tags(requests), folder=...)")
         for addon in setup.addons:
             addon.check(setup, requests)
         _check_speed_options(setup)
@@ -239,6 +244,11 @@ class Pipeline:
         checked against the model."""
         request = _with_size(request, _default_size(self.setup))
         check_against_model([request], self.setup.config)
+        loras = [addon for addon in self.addons if isinstance(addon, Loras)]
+        if loras:
+            loras[0].check_tags([request])
+        elif prompt_lora_tags([request]):
+            raise UsageError("the prompt names <lora:...> tags but this pipeline has no Loras add-on to merge them")
         return request
 
     def __call__(self, request: Request) -> Result:
@@ -280,7 +290,9 @@ class Pipeline:
         guidance. SDXL models also take the image size (their size conditioning) and make an empty negative prompt
         zeros, as diffusers does."""
         model = self.model if model is None else model
-        prompts, negatives = list(request.prompts), list(request.negative_prompts)
+        # extra-network tags (<lora:...>) are not text; AUTOMATIC1111 reads them in the prompt only, not the negative
+        prompts = [strip_extra_networks(prompt) for prompt in request.prompts]
+        negatives = list(request.negative_prompts)
         guided = request.scale != 1.0
         size = {"original_size": request.size, "target_size": request.size}
         sdxl = hasattr(model, "get_unconditional_conditioning")

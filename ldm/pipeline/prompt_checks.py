@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
 from ldm.modules.encoders.prompt_weighting import has_weighting_syntax, parse_prompt_attention
 from ldm.pipeline.errors import UsageError
+from ldm.pipeline.extra_networks import other_networks, strip_extra_networks
 from ldm.pipeline.request import Request
 
 CHUNK_TOKENS = 75  # A1111 reads a weighted prompt in chunks of 75 tokens
@@ -17,16 +18,18 @@ MAX_CHUNKS = 64  # 4,800 tokens: far past any prompt made by hand
 def prompt_notes(requests: Sequence[Request], tokenizer: Any = None) -> list[str]:
     """The notes for `requests` (truncation for plainly read prompts, then weighting syntax read as text);
     UsageError for a weighted prompt whose weights overflow. `tokenizer` knows the pipeline's embeddings."""
-    weighted = [text for request in requests if request.prompt_weighting
-                for text in (*request.prompts, *request.negative_prompts)]
-    plain = [text for request in requests if not request.prompt_weighting
-             for text in (*request.prompts, *request.negative_prompts)]
+    texts = {id(request): [strip_extra_networks(prompt) for prompt in request.prompts] + list(request.negative_prompts)
+             for request in requests}
+    weighted = [text for request in requests if request.prompt_weighting for text in texts[id(request)]]
+    plain = [text for request in requests if not request.prompt_weighting for text in texts[id(request)]]
     try:
         weighting_notes(weighted, True)
     except ValueError as error:
         raise UsageError(str(error)) from None
     check_chunk_count(weighted, tokenizer)
-    return truncation_notes(plain, tokenizer=tokenizer) + weighting_notes(plain, False)
+    ignored = other_networks([prompt for request in requests for prompt in request.prompts])
+    skipped = [f"{', '.join(ignored)}: taken out of the prompt but not applied (this tool loads LoRAs only)"]
+    return truncation_notes(plain, tokenizer=tokenizer) + weighting_notes(plain, False) + (skipped if ignored else [])
 
 
 def check_chunk_count(prompts: list[str], tokenizer: Any = None) -> None:
