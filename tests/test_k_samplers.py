@@ -9,20 +9,18 @@ How the schedules are made equal:
 - diffusers' multistep schedulers (DPMSolverMultistep, UniPC) space n integer timesteps round(linspace(0, T-1,
   n + 1))[::-1][:-1]; that is `get_sigmas_discrete(n)`, fed to the k-diffusion samplers here.
 - Timesteps given to the model: diffusers passes fractional t = sigma_to_t(sigma) (log-sigma interpolation) to
-  Euler / Heun / LMS / DPM2 / DPM++ SDE, which is `quantize=False`; DPMSolverMultistep and UniPC round the Karras
-  timesteps, which is `quantize=True`. KDPM2 rounds its Karras first-stage timesteps but not its midpoint ones, a
+  Euler / Heun / LMS / DPM2 / DPM++ SDE, which is `quantize=False` (the default); DPMSolverMultistep and UniPC round
+  the Karras timesteps, which is `quantize=True`. KDPM2 rounds its Karras first-stage timesteps but not its midpoint ones, a
   mix k-diffusion has no switch for: there the model ignores t, so only the samplers are compared.
 - diffusers' multistep schedulers work in x_t = x / sqrt(sigma^2 + 1) space; their start is converted from ours.
 - EulerAncestralDiscreteScheduler has no Karras option: it is given EulerDiscreteScheduler's Karras sigmas/timesteps.
 - Noise: diffusers draws step noise from a list of per-image generators, which continues ImageNoise's per-image
-  streams draw for draw; DPMSolverSDEScheduler's Brownian tree (torchsde, not installed here) is replaced by the
-  `BrownianIncrements` our DPM++ SDE builds from the same per-image draws.
+  streams draw for draw; DPMSolverSDEScheduler draws from a torchsde Brownian tree of the seed it is given, as our
+  `BrownianTreeNoiseSampler` does with the same seed.
 - The LMS scheduler's scipy quadrature is replaced by exact polynomial integration (numpy).
 """
 from __future__ import annotations
 
-import importlib.machinery
-import sys
 import types
 
 import numpy as np
@@ -244,40 +242,34 @@ def test_dpmpp_2m_sde_matches_diffusers(karras):
                         run_diffusers(scheduler, toy, sigmas, vp=True, with_generator=True))
 
 
-@pytest.fixture
-def dpmsolver_sde_module(monkeypatch):
-    """diffusers' DPMSolverSDEScheduler module; torchsde, which it imports for its Brownian tree, is stubbed when
-    absent because the tests replace that tree by ImageNoise draws."""
-    if "torchsde" not in sys.modules:
-        try:
-            import torchsde  # noqa: F401
-        except ImportError:
-            stub = types.ModuleType("torchsde")
-            stub.__spec__ = importlib.machinery.ModuleSpec("torchsde", None)
-            monkeypatch.setitem(sys.modules, "torchsde", stub)
-    from diffusers.schedulers import scheduling_dpmsolver_sde
-
-    return scheduling_dpmsolver_sde
-
-
 @pytest.mark.parametrize("karras", [False, True])
-def test_dpmpp_sde_matches_diffusers_with_the_same_noise(karras, dpmsolver_sde_module):
-    """Same update formulas as diffusers' DPMSolverSDEScheduler once its Brownian-tree noise sampler is replaced by
-    the Brownian increments our sampler builds from the per-image noise (calls (sigma, sigma_mid), then
-    (sigma, sigma_next), as k-diffusion makes them)."""
+def test_dpmpp_sde_matches_diffusers_with_the_same_noise(karras):
+    """Same update formulas as diffusers' DPMSolverSDEScheduler given the same noise: our run's Brownian-tree draws,
+    replayed to diffusers in the order they were made. (A tree queried at the other's times would not do: diffusers
+    computes its midpoints in another order, and a tree's values move by about sqrt(1e-6) when a query time moves by
+    one float32 rounding step past its 1e-6 grid. test_new_samplers.py compares our trees with k-diffusion's.)"""
+    from diffusers.schedulers.scheduling_dpmsolver_sde import DPMSolverSDEScheduler
+
     toy = NonlinearToyDiffusion()
-    scheduler = dpmsolver_sde_module.DPMSolverSDEScheduler(**BETAS, timestep_spacing="linspace",
-                                                           use_karras_sigmas=karras)
+    scheduler = DPMSolverSDEScheduler(**BETAS, timestep_spacing="linspace", use_karras_sigmas=karras)
     scheduler.set_timesteps(STEPS)
     sigmas = our_sigmas(toy, karras)
     assert_same_schedule(torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1::2]]), sigmas)
-    ours = run_ours(k_sampling.sample_dpmpp_sde, toy, sigmas, quantize=False)
-
     cond, uncond = conditioning()
-    noise = ImageNoise(SEEDS)
-    x = noise.randn(SHAPE) * sigmas[0]
-    scheduler.noise_sampler = k_sampling.BrownianIncrements(noise.noise_sampler(x))
+    x = ImageNoise(SEEDS).randn(SHAPE) * sigmas[0]
+    tree = k_sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
+    draws = []
+
+    def recording(sigma, sigma_next):
+        draws.append(tree(sigma, sigma_next))
+        return draws[-1]
+
+    ours = k_sampling.sample_dpmpp_sde(CompVisDenoiser(toy), x, sigmas, disable=True, noise_sampler=recording,
+                                       extra_args={"cond": cond, "uncond": uncond, "cond_scale": SCALE})
+    replay = iter(draws)
+    scheduler.noise_sampler = lambda sigma, sigma_next: next(replay)
     assert_same_latents(ours, diffusers_loop(scheduler, toy, x, cond, uncond))
+    assert next(replay, None) is None and len(draws) == 2 * (STEPS - 1)
 
 
 # --- dpmpp_2s_ancestral has no diffusers counterpart ------------------------------------------------------------------
@@ -308,14 +300,19 @@ def test_ancestral_step_splits_the_variance():
     assert get_ancestral_step(torch.tensor(3.0), torch.tensor(1.0), eta=0.0)[1] == 0
 
 
-def test_stochastic_samplers_require_a_noise_sampler():
+def test_no_noise_sampler_means_what_it_means_in_k_diffusion():
+    """Without a noise sampler the ancestral samplers draw from torch's global generator and the SDE samplers from a
+    Brownian tree seeded from it: the same global seed, the same latents."""
     toy = GaussianDataDiffusion()
     denoiser = CompVisDenoiser(toy)
     sigmas = denoiser.get_sigmas(4)
     x = torch.ones(SHAPE) * sigmas[0]
-    with pytest.raises(ValueError, match="noise_sampler"):
-        k_sampling.sample_euler_ancestral(denoiser, x, sigmas, disable=True)
-    k_sampling.sample_euler_ancestral(denoiser, x, sigmas, disable=True, eta=0.0)  # no noise needed
+    for sampler in (k_sampling.sample_euler_ancestral, k_sampling.sample_dpmpp_2m_sde):
+        torch.manual_seed(0)
+        first = sampler(denoiser, x, sigmas, disable=True)
+        torch.manual_seed(0)
+        assert torch.equal(sampler(denoiser, x, sigmas, disable=True), first)
+        assert not torch.equal(sampler(denoiser, x, sigmas, disable=True), first)
 
 
 # --- convergence to the exact probability-flow ODE solution ---------------------------------------------------------
@@ -363,20 +360,6 @@ def test_deterministic_samplers_converge_at_their_order(sampler, knobs, order):
     assert min(orders) > order - 0.2, (errors, orders)
 
 
-def test_brownian_increments_have_the_law_of_overlapping_increments():
-    """Over [s0, s_mid] then [s0, s1] (s0 > s_mid > s1) the second increment shares the first's part of the path:
-    (sqrt(s0 - s_mid) z1 + sqrt(s_mid - s1) z2) / sqrt(s0 - s1), with z1, z2 the two plain draws."""
-    draws = iter([torch.full(SHAPE, 1.0), torch.full(SHAPE, -2.0), torch.full(SHAPE, 0.5)])
-    brownian = k_sampling.BrownianIncrements(lambda sigma, sigma_next: next(draws))
-    s0, s_mid, s1, s_next_mid = (torch.tensor(v) for v in (4.0, 3.0, 1.0, 0.5))
-    assert torch.all(brownian(s0, s_mid) == 1.0)
-    expected = (1.0 * 1.0 + 2.0**0.5 * -2.0) / 3.0**0.5
-    torch.testing.assert_close(brownian(s0, s1), torch.full(SHAPE, expected))
-    torch.testing.assert_close(brownian(s1, s_next_mid), torch.full(SHAPE, 0.5))  # a fresh interval: a fresh draw
-    with pytest.raises(ValueError, match="only extends"):
-        brownian(s0, torch.tensor(2.0))
-
-
 # --- stochastic samplers sample the data distribution ---------------------------------------------------------------
 @pytest.mark.parametrize("sampler, steps, std_tolerance", [
     (k_sampling.sample_euler_ancestral, 100, 0.025),  # measured std 0.482
@@ -387,14 +370,18 @@ def test_brownian_increments_have_the_law_of_overlapping_increments():
 ])
 def test_stochastic_samplers_sample_the_data_distribution(sampler, steps, std_tolerance):
     """Data N(3, 0.5^2): the noise these samplers add forgets the start's mismatch with the true marginal, so the
-    samples have mean 3 (the deterministic ODE from x_T * sigma_max ends near 2.90) and std 0.5."""
+    samples have mean 3 (the deterministic ODE from x_T * sigma_max ends near 2.90) and std 0.5. The SDE samplers
+    draw from one Brownian tree per image."""
     toy = ContinuousGaussianData(mu=3.0)
     denoiser = CompVisDenoiser(toy, quantize=False)
     sigmas = get_sigmas_karras(steps, denoiser.sigma_min, denoiser.sigma_max)
     noise = ImageNoise(list(range(4)))
     x = noise.randn((4, 4, 32, 32)) * sigmas[0]
+    noise_sampler = noise.noise_sampler(x)
+    if sampler in (k_sampling.sample_dpmpp_sde, k_sampling.sample_dpmpp_2m_sde):
+        noise_sampler = k_sampling.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=noise.seeds)
     out = sampler(denoiser, x, sigmas, extra_args={"cond": torch.zeros(4)}, disable=True,
-                  noise_sampler=noise.noise_sampler(x))
+                  noise_sampler=noise_sampler)
     assert abs(float(out.mean()) - 3.0) < 0.015
     assert abs(float(out.std()) - 0.5) < std_tolerance
 
@@ -425,7 +412,8 @@ def test_entry_point_dpmpp_2m_karras_matches_diffusers():
     x = x_T sigma_max: the start is converted so that only the sampling is compared."""
     toy = NonlinearToyDiffusion()
     cond, uncond = conditioning()
-    ours = sample(toy, "DPM++ 2M Karras", STEPS, SHAPE, cond, uncond, SCALE, ImageNoise(SEEDS), disable=True)
+    ours = sample(toy, "DPM++ 2M Karras", STEPS, SHAPE, cond, uncond, SCALE, ImageNoise(SEEDS), disable=True,
+                  quantize=True)  # diffusers rounds the Karras timesteps
     scheduler = diffusers.DPMSolverMultistepScheduler(**BETAS, use_karras_sigmas=True)
     scheduler.set_timesteps(STEPS)
     sigma_max = scheduler.sigmas[0]
@@ -457,7 +445,7 @@ def test_entry_point_uses_eta_and_the_callback():
     assert steps == [(i, torch.Size(SHAPE)) for i in range(5)]
     # eta = 0 turns the ancestral step into a DDIM-like deterministic step: same schedule, same start, no noise
     assert (with_noise - without_noise).abs().mean() > 0.05
-    with pytest.raises(ValueError, match="deterministic"):
+    with pytest.raises(ValueError, match="takes no eta"):
         sample(toy, "heun", 5, SHAPE, cond, uncond, SCALE, ImageNoise(SEEDS), eta=0.5)
     with pytest.raises(ValueError, match="batch = 2"):
         sample(toy, "heun", 5, (3, 4, 8, 8), cond, uncond, SCALE, ImageNoise(SEEDS))
@@ -500,6 +488,18 @@ def test_entry_point_dispatches_compvis_samplers():
     ("DPM++ 2M SDE", "dpmpp_2m_sde", "model"),
     ("UniPC", "unipc", "discrete"),
     ("uni_pc", "unipc", "discrete"),
+    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", "model"),
+    ("k_dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun", "model"),
+    ("DPM++ 2M SDE Heun Karras", "dpmpp_2m_sde_heun_karras", "karras"),
+    ("DPM++ 3M SDE", "dpmpp_3m_sde", "model"),
+    ("DPM fast", "dpm_fast", "model"),
+    ("DPM adaptive", "dpm_adaptive", "model"),
+    ("k_dpm_ad", "dpm_adaptive", "model"),
+    ("Restart", "restart", "model"),
+    ("LCM", "lcm", "model"),
+    ("k_lcm", "lcm", "model"),
+    ("Euler CFG++", "euler_cfg_pp", "model"),
+    ("Euler Ancestral CFG++", "euler_ancestral_cfg_pp", "model"),
 ])
 def test_sampler_names_resolve(name, canonical, schedule):
     spec = resolve_sampler(name)
@@ -520,7 +520,7 @@ def test_compvis_sampler_names_resolve(name, target):
     assert resolve_sampler(name).compvis == target
 
 
-@pytest.mark.parametrize("name", ["eulerr", "ddim karras", "dpm++ 3m", ""])
+@pytest.mark.parametrize("name", ["eulerr", "ddim karras", "dpm++ 3m", "lcm karras", ""])
 def test_unknown_sampler_names_list_the_choices(name):
     with pytest.raises(ValueError) as error:
         resolve_sampler(name)
@@ -533,5 +533,32 @@ def test_unknown_sampler_names_list_the_choices(name):
 def test_available_samplers_lists_every_family():
     names = available_samplers()
     base = ["euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms", "dpmpp_2s_a", "dpmpp_2m", "dpmpp_sde",
-            "dpmpp_2m_sde", "unipc"]
-    assert names == base + [f"{name}_karras" for name in base] + ["ddim", "plms", "dpm_solver"]
+            "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "unipc", "dpm_fast", "dpm_adaptive", "restart", "lcm",
+            "euler_cfg_pp", "euler_ancestral_cfg_pp"]
+    karras = [name for name in base if name not in ("dpm_fast", "dpm_adaptive", "lcm")]
+    assert names == base + [f"{name}_karras" for name in karras] + ["ddim", "plms", "dpm_solver", "ddim_cfg_pp"]
+
+
+@pytest.mark.parametrize("name, uses_ensd, brownian, discard, automatic", [
+    ("DPM++ 2M", False, False, False, "karras"),
+    ("DPM++ SDE", False, True, False, "karras"),
+    ("DPM++ 2M SDE", False, True, False, "exponential"),
+    ("DPM++ 2M SDE Heun", False, True, False, "exponential"),
+    ("DPM++ 2S a", True, False, False, "karras"),
+    ("DPM++ 3M SDE", False, True, True, "exponential"),
+    ("Euler a", True, False, False, None),
+    ("Euler", False, False, False, None),
+    ("LMS", False, False, False, None),
+    ("Heun", False, False, False, None),
+    ("DPM2", False, False, True, "karras"),
+    ("DPM2 a", True, False, True, "karras"),
+    ("DPM fast", True, False, False, None),
+    ("DPM adaptive", True, False, False, None),
+    ("Restart", False, False, False, "karras"),
+    ("LCM", False, False, False, None),
+])
+def test_registry_records_automatic1111s_sampler_options(name, uses_ensd, brownian, discard, automatic):
+    """AUTOMATIC1111 1.10's sampler table (modules/sd_samplers_kdiffusion.py, sd_samplers_lcm.py), written out."""
+    spec = resolve_sampler(name)
+    assert (spec.uses_ensd, spec.brownian_noise, spec.discard_next_to_last_sigma, spec.automatic_schedule) == (
+        uses_ensd, brownian, discard, automatic)

@@ -92,7 +92,7 @@ def test_the_denoiser_reads_the_models_schedule():
     assert torch.equal(denoiser.get_sigmas_discrete(7), schedule.get_sigmas_discrete(7))
     sigma = torch.tensor([0.1, 3.0])
     assert torch.equal(denoiser.sigma_to_t(sigma), schedule.sigma_to_t(sigma))
-    assert torch.equal(CompVisDenoiser(toy).sigma_to_t(sigma), schedule.sigma_to_t(sigma, quantize=True))
+    assert torch.equal(CompVisDenoiser(toy, quantize=True).sigma_to_t(sigma), schedule.sigma_to_t(sigma, quantize=True))
 
 
 def test_bad_schedules_are_refused():

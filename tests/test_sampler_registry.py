@@ -12,8 +12,8 @@ import torch
 from ldm.models.diffusion import k_sampling
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.noise import ImageNoise
-from ldm.models.diffusion.samplers import (CompVisSamplerSpec, KSamplerSpec, available_samplers, resolve_sampler,
-                                           resolves_img2img, sample_img2img, sampler_display_name)
+from ldm.models.diffusion.samplers import (CompVisSamplerSpec, DDIMCFGPPSpec, KSamplerSpec, available_samplers,
+                                           resolve_sampler, resolves_img2img, sample_img2img, sampler_display_name)
 from toy_diffusion import NonlinearToyDiffusion
 
 # The metadata writer's own table and rule (ldm/cli/metadata.py before the registry held display names), kept here as
@@ -23,6 +23,11 @@ OLD_DISPLAY_NAMES = {
     "eulerancestral": "Euler a", "heun": "Heun", "dpm2": "DPM2", "dpm2a": "DPM2 a", "dpm2ancestral": "DPM2 a",
     "lms": "LMS", "dpmpp2sa": "DPM++ 2S a", "dpmpp2sancestral": "DPM++ 2S a", "dpmpp2m": "DPM++ 2M",
     "dpmppsde": "DPM++ SDE", "dpmpp2msde": "DPM++ 2M SDE", "unipc": "UniPC",
+    # added with the samplers since (issue 13): AUTOMATIC1111 1.10's labels, Forge's for the Euler CFG++ pair
+    "dpmpp2msdeheun": "DPM++ 2M SDE Heun", "dpmpp3msde": "DPM++ 3M SDE", "dpmfast": "DPM fast",
+    "dpmadaptive": "DPM adaptive", "dpmad": "DPM adaptive", "restart": "Restart", "lcm": "LCM",
+    "ddimcfgpp": "DDIM CFG++", "eulercfgpp": "Euler CFG++", "eulerancestralcfgpp": "Euler Ancestral CFG++",
+    "euleracfgpp": "Euler Ancestral CFG++",
 }
 OLD_SUFFIXES = {"karras": "Karras", "exponential": "Exponential"}
 
@@ -77,9 +82,12 @@ def test_a1111_display_names(name, shown):
 def test_families_and_what_they_can_do():
     for name in available_samplers():
         spec = resolve_sampler(name)
-        assert isinstance(spec, (KSamplerSpec, CompVisSamplerSpec))
+        assert isinstance(spec, (KSamplerSpec, CompVisSamplerSpec, DDIMCFGPPSpec))
         if isinstance(spec, KSamplerSpec):
-            assert spec.compvis is None and spec.can_start_from_image and spec.can_hand_off
+            assert spec.compvis is None and spec.can_start_from_image
+            assert spec.can_hand_off == (name not in ("dpm_fast", "dpm_adaptive"))  # they span a sigma range
+        elif isinstance(spec, DDIMCFGPPSpec):
+            assert spec.can_start_from_image and not spec.can_hand_off
         else:
             assert not spec.can_hand_off
             assert spec.can_start_from_image == (name == "ddim")

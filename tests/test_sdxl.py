@@ -171,11 +171,12 @@ def test_released_generative_models_configs_build_the_released_layout(family):
 @torch.no_grad()
 def test_sgm_denoiser_equals_the_samplers_denoiser(models):
     """sgm's own D(x, sigma) (DiscreteDenoiser + EpsScaling around the wrapped UNet) is the k-diffusion denoiser our
-    samplers build from the CompVis schedule buffers: the two schedules and scalings agree."""
+    samplers build from the CompVis schedule buffers: the two schedules and scalings agree. sgm quantizes its
+    timesteps (quantize_c_noise), so the comparison takes ours quantized too (k-diffusion's default is not)."""
     from ldm.models.diffusion.k_denoisers import make_denoiser
 
     model = models["xl"]
-    ours = make_denoiser(model)
+    ours = make_denoiser(model, quantize=True)
     torch.testing.assert_close(model.denoiser.sigmas, ours.sigmas, atol=1e-6, rtol=1e-6)
     sigma = model.denoiser.sigmas[torch.tensor([999, 400, 3])]
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigma[:, None, None, None]

@@ -126,7 +126,8 @@ class NoiseSchedule:
 
     def sigma_to_t(self, sigma: torch.Tensor, quantize: bool = False) -> torch.Tensor:
         """The timestep of noise level `sigma`: the nearest in log sigma when quantizing (an integer tensor), else
-        the fractional timestep found by interpolating log sigma linearly between neighbouring timesteps."""
+        the fractional timestep found by interpolating log sigma linearly between neighbouring timesteps (in
+        k-diffusion's arithmetic, so that the model sees the same fractional timesteps to the last bit)."""
         log_sigma = sigma.to(self.log_sigmas.dtype).log().reshape(-1)
         if quantize:
             distances = (log_sigma[None, :] - self.log_sigmas[:, None]).abs()  # [T, N]
@@ -134,15 +135,17 @@ class NoiseSchedule:
         last = self.log_sigmas.numel() - 1
         low = (torch.searchsorted(self.log_sigmas, log_sigma, right=True) - 1).clamp(0, last - 1)
         low_log, high_log = self.log_sigmas[low], self.log_sigmas[low + 1]
-        weight = ((log_sigma - low_log) / (high_log - low_log)).clamp(0, 1)
-        return (low + weight).reshape(sigma.shape)
+        weight = ((low_log - log_sigma) / (low_log - high_log)).clamp(0, 1)
+        return ((1 - weight) * low + weight * (low + 1)).reshape(sigma.shape)
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """The noise level of a (possibly fractional) timestep, interpolating log sigma linearly."""
+        """The noise level of a (possibly fractional) timestep, interpolating log sigma linearly (in k-diffusion's
+        arithmetic)."""
         t = t.to(self.log_sigmas.dtype)
         low = t.floor().long().clamp(0, self.log_sigmas.numel() - 1)
         high = t.ceil().long().clamp(0, self.log_sigmas.numel() - 1)
-        return torch.lerp(self.log_sigmas[low], self.log_sigmas[high], t - low).exp()
+        weight = t - low
+        return ((1 - weight) * self.log_sigmas[low] + weight * self.log_sigmas[high]).exp()
 
     def get_sigmas(self, n: int | None = None) -> torch.Tensor:
         """The model's own schedule as k-diffusion builds it: `n` timesteps evenly spaced from T-1 down to 0 (noise
