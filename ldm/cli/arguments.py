@@ -166,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompt_weighting", action="store_true",
         help="read prompts and negative prompts as AUTOMATIC1111 does: (word), [word], (word:1.2) weights, BREAK, "
              "and prompts past 75 tokens in chunks of 75 (default: off, plain text as CompVis, cut at 75 tokens)")
+    # AUTOMATIC1111's noise options, with its API's names.
+    add("--rng", type=str, choices=("cpu", "gpu", "nv"), default="cpu",
+        help="random source of the noise: cpu (torch's CPU generator: the same images on every machine), gpu (torch "
+             "on the CUDA device, AUTOMATIC1111's default), nv (CUDA's generator emulated on any device)")
+    add("--ensd", type=int, default=0,
+        help="eta noise seed delta (AUTOMATIC1111's ENSD): the ancestral/SDE noise of each image comes from seed + ENSD")
+    add("--subseed", type=int, default=None,
+        help="variation seed: each image's starting noise is blended towards this seed's (image i: subseed + i)")
+    add("--subseed_strength", type=float, default=0.0,
+        help="how far towards the variation seed's noise, 0 to 1 (with it, every image keeps --seed)")
+    add("--seed_resize_from_w", type=int, default=0,
+        help="make the seeds' noise as for this width (with --seed_resize_from_h): keeps a seed's composition at "
+             "another size")
+    add("--seed_resize_from_h", type=int, default=0, help="the height for --seed_resize_from_w")
     # AUTOMATIC1111's hires fix, with its API's names: on when --hr_scale or --hr_resize_x/_y is given.
     add("--hr_scale", type=float, default=None,
         help="hires fix: make each image at --W x --H, upscale it this many times and refine it in a second pass")

@@ -29,6 +29,7 @@ class PlannedImage:
     seed: int
     settings: dict[str, Any]
     index: int  # place in the run, counting across iterations and prompts
+    subseed: int = 0  # the variation seed (with --subseed_strength)
 
 
 @dataclass
@@ -41,17 +42,21 @@ class RunPlan:
     def images(self) -> list[PlannedImage]:
         return [image for batch in self.batches for image in batch]
 
-    def requests(self, prompt_weighting: bool) -> list[Request]:
-        """One pipeline request per batch."""
-        return [batch_request(batch, prompt_weighting) for batch in self.batches]
+    def requests(self, opt: argparse.Namespace) -> list[Request]:
+        """One pipeline request per batch, with the flags' noise options."""
+        return [batch_request(batch, opt) for batch in self.batches]
 
 
-def batch_request(batch: list[PlannedImage], prompt_weighting: bool) -> Request:
+def batch_request(batch: list[PlannedImage], opt: argparse.Namespace) -> Request:
     settings = batch[0].settings
+    resize = opt.seed_resize_from_w, opt.seed_resize_from_h
     return Request([image.prompt for image in batch], [image.negative_prompt for image in batch],
                    seeds=[image.seed for image in batch], steps=settings["steps"], sampler=settings["sampler"],
                    scale=settings["scale"], eta=settings["eta"], height=settings["H"], width=settings["W"],
-                   prompt_weighting=prompt_weighting)
+                   prompt_weighting=opt.prompt_weighting, rng=opt.rng, ensd=opt.ensd,
+                   subseeds=[image.subseed for image in batch] if opt.subseed_strength > 0 else None,
+                   subseed_strength=opt.subseed_strength, seed_resize_from=resize if min(resize) > 0 else None,
+                   where="flags")
 
 
 def apply_compat_flags(opt: argparse.Namespace) -> None:
@@ -108,6 +113,8 @@ def plan_batches(opt: argparse.Namespace, jobs: list[PromptJob]) -> RunPlan:
     own seed numbers its images from that seed.
     """
     sampler = sampler_from_flags(opt)
+    if opt.subseed_strength > 0 and opt.subseed is None:
+        raise UsageError("--subseed_strength needs --subseed (the variation seed to blend towards)")
     settings = {id(job): job_settings(opt, job, sampler) for job in jobs}
     one_prompt = not (len(jobs) > 1 or opt.from_file or opt.metadata_from)
     count = opt.n_iter * opt.repeat * (opt.n_samples if one_prompt else len(jobs))
@@ -140,8 +147,13 @@ def plan_batches(opt: argparse.Namespace, jobs: list[PromptJob]) -> RunPlan:
                 else:
                     offset = made_by_job.get(id(job), 0) if has_own_seed else index
                 check_seed(base, where, offset)
-                batch.append(PlannedImage(job.prompt, settings[id(job)]["negative_prompt"], base + offset,
-                                          settings[id(job)], index))
+                if opt.subseed_strength > 0:  # AUTOMATIC1111: every image keeps its seed; the subseeds count up
+                    check_seed(opt.subseed, "--subseed", offset)
+                    batch.append(PlannedImage(job.prompt, settings[id(job)]["negative_prompt"], base,
+                                              settings[id(job)], index, opt.subseed + offset))
+                else:
+                    batch.append(PlannedImage(job.prompt, settings[id(job)]["negative_prompt"], base + offset,
+                                              settings[id(job)], index))
                 made_by_job[id(job)] = made_by_job.get(id(job), 0) + 1
                 index += 1
             batches.append(batch)

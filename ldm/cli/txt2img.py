@@ -68,7 +68,7 @@ class Shell:
         self.embeddings = Embeddings(opt.embeddings)
         if opt.metadata_from and self.recorded.get("prompt_weighting"):
             opt.prompt_weighting = True  # the recorded image read its prompts with weights
-        self.requests = self.plan.requests(opt.prompt_weighting)
+        self.requests = self.plan.requests(opt)
         self.loras = Loras(specs, prompt_lora_tags(self.requests), opt.lora_dir)
         self.addons = self.make_addons()
         self.setup = Pipeline.check(opt.ckpt, opt.config, rank_device(self.world, opt.device), opt.precision,

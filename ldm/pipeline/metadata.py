@@ -21,6 +21,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.models.diffusion.samplers import sampler_display_name
+from ldm.models.diffusion.schedule_types import a1111_sampler
 
 PARAMETERS_KEY = "parameters"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -65,8 +66,8 @@ def checked_info(mapping: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ExtraField:
-    """A setting an add-on records beside the base ones: its sidecar key and value, and its "parameters" label and
-    text (not printed when `text` is empty)."""
+    """A setting an add-on records beside the base ones: its sidecar key and value (not in the sidecar when `key` is
+    empty), and its "parameters" label and text (not printed when `text` is empty)."""
 
     key: str
     value: Any
@@ -102,12 +103,40 @@ class ImageRecord:
             del mapping["prompt_weighting"]
         if self.embeddings is None:  # likewise without --embeddings
             del mapping["embeddings"]
-        mapping.update((extra.key, extra.value) for extra in self.extras)
+        mapping.update((extra.key, extra.value) for extra in self.extras if extra.key)
         return mapping
 
     def extra_parameters(self) -> list[tuple[str, str]]:
         """(label, text) pairs the add-ons add at the end of the "parameters" text (img2img: its strength)."""
         return [(extra.label, extra.text) for extra in self.extras if extra.text]
+
+
+def noise_fields(request: Any, index: int) -> list[ExtraField]:
+    """What a request's noise options add to the record of its image `index`, with AUTOMATIC1111's names: "RNG" unless the
+    source is its default (gpu), "ENSD" where its sampler draws noise, the variation seed and strength, "Seed resize
+    from"."""
+    extras = []
+    if request.subseed_strength > 0:
+        subseed = request.subseeds[index]
+        extras += [ExtraField("subseed", subseed, "Variation seed", str(subseed)),
+                   ExtraField("subseed_strength", request.subseed_strength, "Variation seed strength",
+                              _number(request.subseed_strength))]
+    if request.seed_resize_from:
+        width, height = request.seed_resize_from
+        extras.append(ExtraField("seed_resize_from", f"{width}x{height}", "Seed resize from", f"{width}x{height}"))
+    if request.ensd and records_ensd(request.sampler, request.ensd, request.eta):
+        extras.append(ExtraField("ensd", request.ensd, "ENSD", str(request.ensd)))
+    if request.rng != "gpu":
+        extras.append(ExtraField("rng" if request.rng != "cpu" else "", request.rng, "RNG", request.rng.upper()))
+    return extras
+
+
+def records_ensd(sampler: str, ensd: int, eta: float | None) -> bool:
+    """Whether AUTOMATIC1111 would write "ENSD" for `sampler` (samplers it does not have: whenever `ensd` is set)."""
+    try:
+        return a1111_sampler(sampler_display_name(sampler)).records_ensd(ensd, eta)
+    except ValueError:
+        return ensd != 0
 
 
 def _number(value: float) -> str:

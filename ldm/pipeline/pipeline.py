@@ -34,7 +34,7 @@ from ldm.pipeline.errors import UsageError
 from ldm.pipeline.extra_networks import strip_extra_networks
 from ldm.pipeline.memory import (check_request_memory, check_weights_fit, out_of_memory_advice,
                                  resident_weight_bytes, weight_bytes_by_part)
-from ldm.pipeline.metadata import ExtraField, ImageRecord
+from ldm.pipeline.metadata import ImageRecord, noise_fields
 from ldm.pipeline.model_info import check_against_model, model_defaults, refuse_inpainting, refuse_upscaler
 from ldm.pipeline.prompt_checks import prompt_notes
 from ldm.pipeline.request import Request
@@ -314,8 +314,17 @@ class Pipeline:
                 return made
         request = call.request
         latents = sample(self.model, call.sampler, call.steps, self.latent_shape(request), call.cond, call.uncond,
-                         request.scale, ImageNoise(request.seeds), eta=call.eta)
+                         request.scale, self.noise(request), eta=call.eta)
         return latents, call.steps
+
+    def noise(self, request: Request, seeds: Sequence[int] | None = None) -> ImageNoise:
+        """The per-image noise of `request` (of `seeds` alone, without the request's variation, when given)."""
+        if seeds is not None:
+            return ImageNoise(seeds, rng=request.rng)
+        width, height = request.seed_resize_from or (0, 0)
+        return ImageNoise(request.seeds, rng=request.rng, ensd=request.ensd, subseeds=request.subseeds,
+                          subseed_strength=request.subseed_strength, seed_resize_from_w=width,
+                          seed_resize_from_h=height, downsampling=self.defaults["f"])
 
     def latent_shape(self, request: Request) -> tuple[int, int, int, int]:
         """[B, C, h, w] of a completed request's latents."""
@@ -329,7 +338,7 @@ class Pipeline:
         fields: dict[str, Any] = {"model": self.model_name, "model_hash": self.model_hash,
                                   "vae": Path(self.options.vae).name if self.options.vae else None,
                                   "prompt_weighting": request.prompt_weighting}
-        extras: list[ExtraField] = []
+        extras = noise_fields(request, index)
         for addon in self.addons:
             contributed = dict(addon.record(request, index))
             extras.extend(contributed.pop("extras", ()))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ldm.models.diffusion import samplers
+from ldm.models.diffusion.noise import RNG_SOURCES
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.metadata import parse_parameters_text
 
@@ -94,7 +95,10 @@ class Request:
 
     From code: `Request("a cat", seed=7, batch_size=4)` (seeds 7..10), or `Request(["a cat", "a dog"],
     seeds=[1, 2])`. `height`/`width` None take the model's own size. `eta` None keeps the sampler's default (0 for
-    DDIM, 1 for ancestral and SDE samplers). Checked on creation; `where` names the source in messages.
+    DDIM, 1 for ancestral and SDE samplers). The noise options are AUTOMATIC1111's: `rng` ("cpu", "gpu" = torch on
+    CUDA, "nv" = CUDA's generator emulated anywhere), `ensd` (eta noise seed delta), variation seeds (`subseeds`,
+    one per image, and `subseed_strength`), `seed_resize_from` ((width, height) the seeds' noise was made at).
+    Checked on creation; `where` names the source in messages.
     """
 
     prompt: str | Sequence[str]
@@ -109,6 +113,11 @@ class Request:
     height: int | None = None
     width: int | None = None
     prompt_weighting: bool = False
+    rng: str = "cpu"
+    ensd: int = 0
+    subseeds: Sequence[int] | None = None
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None
     where: str = field(default="request", compare=False)  # names the request's source in messages
 
     def __post_init__(self) -> None:
@@ -131,6 +140,20 @@ class Request:
         if eta == 0 and sampler != "ddim" and not samplers.resolve_sampler(sampler).stochastic:
             eta = None  # no noise to scale: the same as the sampler's default
         set_field(self, "eta", sampler_eta(sampler, eta, True, self.where))
+        set_field(self, "rng", self.rng.lower())
+        if self.rng not in RNG_SOURCES:
+            raise UsageError(f"{self.where}: rng {self.rng!r} is not one of {', '.join(RNG_SOURCES)}")
+        if not 0.0 <= self.subseed_strength <= 1.0:  # also refuses NaN
+            raise UsageError(f"{self.where}: subseed_strength {self.subseed_strength} is outside [0, 1]")
+        if self.subseeds is not None:
+            subseeds = tuple(int(seed) for seed in self.subseeds)
+            if len(subseeds) != len(seeds):
+                raise UsageError(f"{self.where}: {len(subseeds)} subseeds for {len(seeds)} images")
+            for seed in subseeds:
+                check_seed(seed, self.where)
+            set_field(self, "subseeds", subseeds)
+        elif self.subseed_strength > 0:
+            raise UsageError(f"{self.where}: a subseed_strength above 0 needs subseeds (the variation seeds)")
         if self.height is not None and self.width is not None:
             check_image_settings({"steps": self.steps, "H": self.height, "W": self.width, "scale": self.scale,
                                   "eta": self.eta}, self.where)
@@ -177,6 +200,7 @@ class Request:
 
     def subset(self, indices: Sequence[int]) -> "Request":
         """The images at `indices`, with their own prompts and seeds (used to split a batch that does not fit)."""
+        subseeds = None if self.subseeds is None else [self.subseeds[i] for i in indices]
         return self.replace(prompt=[self.prompts[i] for i in indices],
                             negative_prompt=[self.negative_prompts[i] for i in indices],
-                            seeds=[self.seeds[i] for i in indices])
+                            seeds=[self.seeds[i] for i in indices], subseeds=subseeds)

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import encoded_latents, resolves_img2img, sample, sample_img2img
 from ldm.pipeline.addons.base import AddOn, SampleCall
 from ldm.pipeline.addons.init_image import encode_image
@@ -103,9 +102,9 @@ class HiresFix(AddOn):
             return None
         request, model, f = call.request, pipeline.model, pipeline.defaults["f"]
         first = sample(model, call.sampler, call.steps, pipeline.latent_shape(request), call.cond, call.uncond,
-                       request.scale, ImageNoise(request.seeds), eta=call.eta)
+                       request.scale, pipeline.noise(request), eta=call.eta)
         height, width, crop_y, crop_x = self.target(*request.size, f)
-        latents = self.upscale(pipeline, first, height, width, request.seeds)
+        latents = self.upscale(pipeline, first, height, width, request)
         latents = latents[:, :, crop_y // 2:latents.shape[2] - (crop_y + 1) // 2,
                           crop_x // 2:latents.shape[3] - (crop_x + 1) // 2]
         large = request.replace(height=latents.shape[2] * f, width=latents.shape[3] * f)
@@ -114,11 +113,11 @@ class HiresFix(AddOn):
         total = int(steps / min(self.strength, MAX_FIX_STRENGTH)) if self.strength > 0 else 0
         strength = min(1.0, (steps + 0.5) / total) if total else 0.0  # int(strength * total) == steps
         made = sample_img2img(model, call.sampler, max(total, 1), latents, strength, cond, uncond, request.scale,
-                              ImageNoise(request.seeds), eta=call.eta)
+                              pipeline.noise(large), eta=call.eta)
         return made, call.steps + (steps if total else 0)
 
     def upscale(self, pipeline: Pipeline, latents: torch.Tensor, height: int, width: int,
-                seeds: Sequence[int]) -> torch.Tensor:
+                request: Request) -> torch.Tensor:
         f, model = pipeline.defaults["f"], pipeline.model
         if self.upscaler in LATENT_UPSCALERS:
             mode, antialias = LATENT_UPSCALERS[self.upscaler]
@@ -127,8 +126,8 @@ class HiresFix(AddOn):
         resized = [np.asarray(Image.fromarray(image).resize((width, height), resample=PIXEL_UPSCALERS[self.upscaler]))
                    for image in pixels]
         images = torch.from_numpy(np.stack(resized).astype(np.float32) / 255.0).permute(0, 3, 1, 2) * 2.0 - 1.0
-        return torch.cat([encoded_latents(model, encode_image(model, image[None]), ImageNoise([seed]))
-                          for image, seed in zip(images, seeds)])
+        return torch.cat([encoded_latents(model, encode_image(model, image[None]), pipeline.noise(request, [seed]))
+                          for image, seed in zip(images, request.seeds)])
 
     def record(self, request: Request, index: int) -> dict[str, Any]:
         resize_x, resize_y = self.resize

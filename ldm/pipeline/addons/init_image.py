@@ -17,7 +17,6 @@ import torch
 
 from ldm.models.diffusion.inpainting import (InpaintingInputs, is_inpainting_model, latent_mask, masked_image,
                                              sample_inpaint)
-from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import encoded_latents, img2img_steps, resolves_img2img, sample_img2img
 from ldm.pipeline.addons.base import AddOn, SampleCall
 from ldm.pipeline.decoding import first_stage_dtype
@@ -73,7 +72,7 @@ class InitImage(AddOn):
     def sample(self, pipeline: Pipeline, call: SampleCall) -> tuple[torch.Tensor, int]:
         request = call.request
         height, width = request.size
-        noise = ImageNoise(request.seeds)
+        noise = pipeline.noise(request)
         x_init = encoded_latents(pipeline.model, self.posterior(pipeline.model, width, height), noise)
         latents = sample_img2img(pipeline.model, call.sampler, call.steps, x_init, self.strength, call.cond,
                                  call.uncond, request.scale, noise, eta=call.eta)
@@ -129,7 +128,7 @@ class Inpaint(InitImage):
         request = call.request
         height, width = request.size
         latents = sample_inpaint(pipeline.model, call.sampler, call.steps, self.inputs_at(pipeline, width, height),
-                                 self.strength, call.cond, call.uncond, request.scale, ImageNoise(request.seeds),
+                                 self.strength, call.cond, call.uncond, request.scale, pipeline.noise(request),
                                  eta=call.eta)
         return latents, img2img_steps(call.steps, self.strength)
 

@@ -15,7 +15,6 @@ import torch
 from ldm import optimize
 from ldm.checkpoints import CheckpointError, read_shapes
 from ldm.loading import LoadError, check_loadable, detect_family, load_config, load_model, resolve_config
-from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.refiner_handoff import resolves_handoff, sample_with_refiner
 from ldm.pipeline.addons.base import AddOn, SampleCall
 from ldm.pipeline.errors import UsageError
@@ -96,7 +95,7 @@ class Refiner(AddOn):
         refiner_conditioning = pipeline.conditioning(request, self.model)
         latents = sample_with_refiner(pipeline.model, self.model, call.sampler, call.steps, shape, self.switch,
                                       (call.cond, call.uncond), refiner_conditioning, request.scale,
-                                      ImageNoise(request.seeds), eta=call.eta)
+                                      pipeline.noise(request), eta=call.eta)
         return latents, call.steps
 
     def record(self, request: Request, index: int) -> dict[str, Any]:

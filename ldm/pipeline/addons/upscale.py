@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.upscale import sample_upscale
 from ldm.pipeline.addons.base import AddOn, SampleCall
 from ldm.pipeline.errors import UsageError
@@ -97,7 +96,7 @@ class Upscale(AddOn):
             self.low_res = image_to_tensor(self.image, *self.image.size)  # its own size: no resampling
         request = call.request
         latents = sample_upscale(pipeline.model, call.sampler, call.steps, self.low_res, self.noise_level, call.cond,
-                                 call.uncond, request.scale, ImageNoise(request.seeds), eta=call.eta)
+                                 call.uncond, request.scale, pipeline.noise(request), eta=call.eta)
         return latents, call.steps
 
     def record(self, request: Request, index: int) -> dict[str, Any]:
