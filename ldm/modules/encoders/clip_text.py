@@ -145,13 +145,26 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(width, layers, heads, activation, layer_norm_eps)
         self.final_layer_norm = nn.LayerNorm(width, eps=layer_norm_eps)
 
-    def forward(self, input_ids: torch.LongTensor, output_hidden_states: bool = False) -> CLIPTextOutput:
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder.layers)
+
+    def hidden_states(self, input_ids: torch.LongTensor, num_layers: int | None = None) -> list[torch.Tensor]:
+        """[embeddings, output of layer 1, ..., of layer `num_layers` (default all)], each [B, T, width], without
+        the final layer norm: HF's `hidden_states`. Layers past `num_layers` are not run."""
+        num_layers = self.num_layers if num_layers is None else num_layers
+        if not 0 <= num_layers <= self.num_layers:
+            raise ValueError(f"num_layers={num_layers} is outside 0..{self.num_layers}")
         x = self.embeddings(input_ids)
         hidden_states = [x]
-        for layer in self.encoder.layers:
+        for layer in self.encoder.layers[:num_layers]:
             x = layer(x)
             hidden_states.append(x)
-        last = self.final_layer_norm(x)
+        return hidden_states
+
+    def forward(self, input_ids: torch.LongTensor, output_hidden_states: bool = False) -> CLIPTextOutput:
+        hidden_states = self.hidden_states(input_ids)
+        last = self.final_layer_norm(hidden_states[-1])
         # the end token has the largest id, so argmax finds it (the first one, should a prompt repeat it)
         pooled = last[torch.arange(last.shape[0], device=last.device), input_ids.argmax(dim=-1)]
         return CLIPTextOutput(last, pooled, tuple(hidden_states) if output_hidden_states else None)

@@ -5,7 +5,8 @@ Nothing is downloaded: `version` / `arch` only choose the architecture, and the 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +42,17 @@ def check_max_length(max_length: int, positions: int) -> int:
     return max_length
 
 
+def check_clip_skip(clip_skip: int, num_layers: int | None = None) -> int:
+    """`clip_skip` if it is a whole number from 1 (the last layer) to num_layers + 1 (the embeddings)."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+        raise ValueError(f"clip_skip={clip_skip!r} must be a whole number of at least 1 (1: the last layer, as "
+                         "without clip skip; 2: the penultimate)")
+    if num_layers is not None and clip_skip > num_layers + 1:
+        raise ValueError(f"clip_skip={clip_skip} is more than this text encoder's {num_layers} layers + 1 "
+                         f"(its embeddings): use 1..{num_layers + 1}")
+    return clip_skip
+
+
 def freeze(module: nn.Module) -> None:
     """Inference only: eval mode and no gradients for the weights."""
     module.eval()
@@ -63,13 +75,20 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     `layer`: "last" (after the final layer norm, SD 1.x), "pooled" ([B, 1, width], the end token's state) or
     "hidden" (the output of `encoder.layers` number `layer_idx`, counted as HF `hidden_states`, without the final
     layer norm; SDXL uses 11 = -2).
+
+    `clip_skip` (attribute, also a constructor argument; None by default): AUTOMATIC1111's "Clip skip" N, the
+    hidden state N layers from the end (HF `hidden_states[-N]`: N = 1 the last layer, 2 the penultimate, up to the
+    embeddings at layers + 1). With layer "last" it is followed by the final layer norm, as A1111 reads SD 1.x
+    (N = 1 is exactly "last"); with layer "hidden" it replaces `layer_idx` and has no final norm, as A1111 reads
+    SDXL's CLIP ViT-L when its "Clip skip SDXL" option is on. None: `layer` as configured. Set it per call with
+    `use_clip_skip`, which knows which encoders of a model A1111 applies it to.
     """
 
     LAYERS = ("last", "pooled", "hidden")
 
     def __init__(self, version: str = "openai/clip-vit-large-patch14", max_length: int = 77, layer: str = "last",
                  layer_idx: int | None = None, vocab_size: int | None = None, width: int | None = None,
-                 layers: int | None = None, heads: int | None = None):
+                 layers: int | None = None, heads: int | None = None, clip_skip: int | None = None):
         super().__init__()
         sizes = architecture(CLIP_TEXT_ARCHITECTURES, version,
                              dict(vocab_size=vocab_size, width=width, layers=layers, heads=heads))
@@ -84,7 +103,21 @@ class FrozenCLIPEmbedder(AbstractEncoder):
                                            .num_embeddings)
         self.layer = layer
         self.layer_idx = layer_idx
+        self.clip_skip = clip_skip
         freeze(self)
+
+    @property
+    def clip_skip(self) -> int | None:
+        return self._clip_skip
+
+    @clip_skip.setter
+    def clip_skip(self, value: int | None) -> None:
+        if value is not None:
+            if self.layer == "pooled":
+                raise ValueError("clip_skip needs layer 'last' (SD 1.x) or 'hidden' (SDXL); this encoder returns "
+                                 "the pooled embedding")
+            check_clip_skip(value, self.transformer.text_model.num_layers)
+        self._clip_skip = value
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.LongTensor:
         """[B, max_length] ids on the device of the weights, padded with the end token as HF pads."""
@@ -96,6 +129,11 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 
     def encode_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
         """Token ids [B, T] (start, prompt, end, padding; T <= max_length) -> the chosen layer's states."""
+        if self.clip_skip is not None:
+            text_model = self.transformer.text_model
+            # hidden_states[-N] of all layers is the last of the first (layers + 1 - N): the rest need not run
+            states = text_model.hidden_states(tokens, num_layers=text_model.num_layers + 1 - self.clip_skip)
+            return text_model.final_layer_norm(states[-1]) if self.layer == "last" else states[-1]
         outputs = self.transformer(tokens, output_hidden_states=self.layer == "hidden")
         if self.layer == "last":
             return outputs.last_hidden_state
@@ -196,3 +234,36 @@ class FrozenOpenCLIPEmbedder2(AbstractEncoder):
 
     def encode(self, texts: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return self(texts)
+
+
+def clip_skip_encoders(model: nn.Module, sdxl_clip_l_skip: bool = False) -> list[FrozenCLIPEmbedder]:
+    """The text encoders of `model` that AUTOMATIC1111 applies its "Clip skip" to: SD 1.x's CLIP text encoder
+    (`cond_stage_model`); of SDXL's conditioner, the CLIP ViT-L only with `sdxl_clip_l_skip` (A1111's "Clip skip
+    SDXL" option, off by default and not written into its infotexts). None of SD 2.x and SDXL's OpenCLIP encoders:
+    A1111 ignores clip skip for them (they keep their configured layer, the penultimate)."""
+    conditioner = getattr(model, "conditioner", None)
+    if conditioner is not None:
+        return ([embedder for embedder in conditioner.embedders if isinstance(embedder, FrozenCLIPEmbedder)]
+                if sdxl_clip_l_skip else [])
+    encoder = getattr(model, "cond_stage_model", None)
+    return [encoder] if isinstance(encoder, FrozenCLIPEmbedder) else []
+
+
+@contextmanager
+def use_clip_skip(model: nn.Module, clip_skip: int, sdxl_clip_l_skip: bool = False
+                  ) -> Iterator[list[FrozenCLIPEmbedder]]:
+    """Within the block, `model`'s conditioning (`get_learned_conditioning`, `get_unconditional_conditioning`,
+    `weighted_conditioning`) uses AUTOMATIC1111's clip skip `clip_skip` (1: as without it); the encoders' own
+    setting is restored after. Yields the encoders it applies to (`clip_skip_encoders`): none means the model
+    ignores clip skip, as A1111 does for it. The setting lives on the model's encoders while the block runs, so
+    one model should not be conditioned from two threads at once."""
+    check_clip_skip(clip_skip)
+    encoders = clip_skip_encoders(model, sdxl_clip_l_skip)
+    previous = [encoder.clip_skip for encoder in encoders]
+    try:
+        for encoder in encoders:
+            encoder.clip_skip = clip_skip
+        yield encoders
+    finally:
+        for encoder, value in zip(encoders, previous):
+            encoder.clip_skip = value
