@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ldm.modules.encoders.clip_tokenizer import END_OF_TEXT_ID, START_OF_TEXT_ID
+from ldm.modules.encoders.modules import use_clip_skip
 
 ROUND_BRACKET_MULTIPLIER = 1.1
 COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"
@@ -242,10 +243,17 @@ def text_encoders(model: nn.Module) -> list[nn.Module]:
 
 
 def weighted_conditioning(model: nn.Module, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
-                          **size_kwargs: Any) -> tuple[Any, Any]:
+                          clip_skip: int | None = None, sdxl_clip_l_skip: bool = False, **size_kwargs: Any
+                          ) -> tuple[Any, Any]:
     """(cond, uncond) of `model` for prompts and negative prompts (None: no negative half) read as A1111 does, both
     with the same number of chunks. SDXL models take `size_kwargs` as their `get_learned_conditioning` does, and
-    make an empty negative prompt zeros as they do without weighting."""
+    make an empty negative prompt zeros as they do without weighting.
+
+    `clip_skip`, `sdxl_clip_l_skip`: A1111's "Clip skip" and "Clip skip SDXL" (see `use_clip_skip`); None and
+    False: the encoders as they are set (by default their configured layers, A1111's clip skip 1)."""
+    if clip_skip is not None or sdxl_clip_l_skip:
+        with use_clip_skip(model, 1 if clip_skip is None else clip_skip, sdxl_clip_l_skip):
+            return weighted_conditioning(model, prompts, negative_prompts, **size_kwargs)
     texts = [*prompts, *(negative_prompts or [])]
     num_chunks = max(count_chunks(encoder, texts) for encoder in text_encoders(model))
     if not hasattr(model, "get_unconditional_conditioning"):
