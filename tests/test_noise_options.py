@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from image_files import parameters, pixels, sidecar
+from ldm.modules.encoders.modules import use_clip_skip
 from ldm.pipeline import Pipeline, Request, UsageError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -75,3 +76,26 @@ def test_bad_noise_options_are_one_line(options, message):
 def test_a_variation_strength_without_a_subseed_is_refused(txt2img, tmp_path):
     status, _, err = txt2img("--subseed_strength", 0.5, outdir=tmp_path / "out")
     assert status == 2 and "--subseed_strength needs --subseed" in err and not (tmp_path / "out").exists()
+
+
+def test_clip_skip_reads_the_penultimate_layer_and_is_recorded(txt2img, pipeline, tmp_path):
+    skipped = image(pipeline, seed=5, clip_skip=2)
+    assert not np.array_equal(skipped, image(pipeline, seed=5))
+    with use_clip_skip(pipeline.model, 2):  # the same as setting the encoder by hand around a plain request
+        assert np.array_equal(skipped, image(pipeline, seed=5))
+    status, _, err = txt2img("--clip_skip", 2, "--seed", 5, "--sampler", "euler", "--ddim_steps", 3, "--prompt",
+                             "a red circle", "--skip_grid", outdir=tmp_path / "out")
+    assert status == 0, err
+    saved = tmp_path / "out" / "samples" / "00000.png"
+    assert "Clip skip: 2" in parameters(saved) and np.array_equal(pixels(saved), skipped)
+
+
+def test_a_model_that_ignores_clip_skip_says_so(tiny_checkpoints, tmp_path, capsys):
+    from checkpoint_factory import TEST_CONFIGS
+    from ldm.cli.txt2img import main
+
+    flags = ["--ckpt", str(tiny_checkpoints["v2", ".ckpt"]), "--config", str(TEST_CONFIGS / "tiny-v2.yaml"),
+             "--H", "32", "--W", "32", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--clip_skip", "2",
+             "--outdir", str(tmp_path / "out"), "--skip_grid"]
+    assert main(flags) == 0
+    assert "this model ignores clip skip, as AUTOMATIC1111 does for SD 2.x and SDXL" in capsys.readouterr().err

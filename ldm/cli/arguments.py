@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompt_weighting", action="store_true",
         help="read prompts and negative prompts as AUTOMATIC1111 does: (word), [word], (word:1.2) weights, BREAK, "
              "and prompts past 75 tokens in chunks of 75 (default: off, plain text as CompVis, cut at 75 tokens)")
+    add("--clip_skip", type=int, default=1,
+        help="AUTOMATIC1111's clip skip: 2 reads the text encoder's penultimate layer (SD 1.x; SD 2.x and SDXL "
+             "ignore it, as there)")
     # AUTOMATIC1111's noise options, with its API's names.
     add("--rng", type=str, choices=("cpu", "gpu", "nv"), default="cpu",
         help="random source of the noise: cpu (torch's CPU generator: the same images on every machine), gpu (torch "

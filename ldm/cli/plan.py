@@ -53,7 +53,7 @@ def batch_request(batch: list[PlannedImage], opt: argparse.Namespace) -> Request
     return Request([image.prompt for image in batch], [image.negative_prompt for image in batch],
                    seeds=[image.seed for image in batch], steps=settings["steps"], sampler=settings["sampler"],
                    scale=settings["scale"], eta=settings["eta"], height=settings["H"], width=settings["W"],
-                   prompt_weighting=opt.prompt_weighting, rng=opt.rng, ensd=opt.ensd,
+                   prompt_weighting=opt.prompt_weighting, clip_skip=opt.clip_skip, rng=opt.rng, ensd=opt.ensd,
                    subseeds=[image.subseed for image in batch] if opt.subseed_strength > 0 else None,
                    subseed_strength=opt.subseed_strength, seed_resize_from=resize if min(resize) > 0 else None,
                    where="flags")

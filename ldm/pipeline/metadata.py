@@ -111,10 +111,10 @@ class ImageRecord:
         return [(extra.label, extra.text) for extra in self.extras if extra.text]
 
 
-def noise_fields(request: Any, index: int) -> list[ExtraField]:
-    """What a request's noise options add to the record of its image `index`, with AUTOMATIC1111's names: "RNG" unless the
-    source is its default (gpu), "ENSD" where its sampler draws noise, the variation seed and strength, "Seed resize
-    from"."""
+def request_fields(request: Any, index: int) -> list[ExtraField]:
+    """What a request's options beyond the base settings add to the record of its image `index`, with
+    AUTOMATIC1111's names: the variation seed and strength, "Seed resize from", "ENSD" where its sampler draws
+    noise, "Clip skip", "RNG" unless the source is its default (gpu)."""
     extras = []
     if request.subseed_strength > 0:
         subseed = request.subseeds[index]
@@ -126,6 +126,8 @@ def noise_fields(request: Any, index: int) -> list[ExtraField]:
         extras.append(ExtraField("seed_resize_from", f"{width}x{height}", "Seed resize from", f"{width}x{height}"))
     if request.ensd and records_ensd(request.sampler, request.ensd, request.eta):
         extras.append(ExtraField("ensd", request.ensd, "ENSD", str(request.ensd)))
+    if request.clip_skip > 1:
+        extras.append(ExtraField("clip_skip", request.clip_skip, "Clip skip", str(request.clip_skip)))
     if request.rng != "gpu":
         extras.append(ExtraField("rng" if request.rng != "cpu" else "", request.rng, "RNG", request.rng.upper()))
     return extras

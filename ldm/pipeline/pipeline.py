@@ -25,6 +25,7 @@ from ldm.devices import accelerator_memory, choose_device, choose_dtype
 from ldm.loading import LoadError, check_loadable, load_config, load_model, resolve_config
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import sample
+from ldm.modules.encoders.modules import clip_skip_encoders, use_clip_skip
 from ldm.modules.encoders.prompt_weighting import weighted_conditioning
 from ldm.pipeline.addons.base import AddOn, SampleCall
 from ldm.pipeline.addons.embeddings import Embeddings
@@ -34,7 +35,7 @@ from ldm.pipeline.errors import UsageError
 from ldm.pipeline.extra_networks import strip_extra_networks
 from ldm.pipeline.memory import (check_request_memory, check_weights_fit, out_of_memory_advice,
                                  resident_weight_bytes, weight_bytes_by_part)
-from ldm.pipeline.metadata import ImageRecord, noise_fields
+from ldm.pipeline.metadata import ImageRecord, request_fields
 from ldm.pipeline.model_info import check_against_model, model_defaults, refuse_inpainting, refuse_upscaler
 from ldm.pipeline.prompt_checks import prompt_notes
 from ldm.pipeline.request import Request
@@ -185,6 +186,9 @@ class Pipeline:
             addon.check(setup, requests)
         _check_speed_options(setup)
         _check_memory(setup, requests)
+        if any(request.clip_skip > 1 for request in requests) and not clip_skip_encoders(setup.skeleton):
+            note("this model ignores clip skip, as AUTOMATIC1111 does for SD 2.x and SDXL: the images are the same "
+                 "as without it")
         embeddings = [addon for addon in setup.addons if isinstance(addon, Embeddings)]
         for message in prompt_notes(requests, embeddings[0].tokenizer if embeddings else None):
             note(message)
@@ -286,10 +290,17 @@ class Pipeline:
         return Result(pixels, latents, records, steps, sampled - start, time.perf_counter() - sampled)
 
     def conditioning(self, request: Request, model: Any = None) -> tuple[Any, Any]:
-        """(prompts, negative prompts) conditioning of `model` (default: the pipeline's); no negative half without
-        guidance. SDXL models also take the image size (their size conditioning) and make an empty negative prompt
-        zeros, as diffusers does."""
+        """(prompts, negative prompts) conditioning of `model` (default: the pipeline's), with the request's clip
+        skip; no negative half without guidance. SDXL models also take the image size (their size conditioning)
+        and make an empty negative prompt zeros, as diffusers does."""
         model = self.model if model is None else model
+        if request.clip_skip > 1:
+            with use_clip_skip(model, request.clip_skip):
+                return self.encode(request, model)
+        return self.encode(request, model)
+
+    def encode(self, request: Request, model: Any) -> tuple[Any, Any]:
+        """`conditioning` with the text encoders as they are set."""
         # extra-network tags (<lora:...>) are not text; AUTOMATIC1111 reads them in the prompt only, not the negative
         prompts = [strip_extra_networks(prompt) for prompt in request.prompts]
         negatives = list(request.negative_prompts)
@@ -338,7 +349,7 @@ class Pipeline:
         fields: dict[str, Any] = {"model": self.model_name, "model_hash": self.model_hash,
                                   "vae": Path(self.options.vae).name if self.options.vae else None,
                                   "prompt_weighting": request.prompt_weighting}
-        extras = noise_fields(request, index)
+        extras = request_fields(request, index)
         for addon in self.addons:
             contributed = dict(addon.record(request, index))
             extras.extend(contributed.pop("extras", ()))

@@ -95,7 +95,8 @@ class Request:
 
     From code: `Request("a cat", seed=7, batch_size=4)` (seeds 7..10), or `Request(["a cat", "a dog"],
     seeds=[1, 2])`. `height`/`width` None take the model's own size. `eta` None keeps the sampler's default (0 for
-    DDIM, 1 for ancestral and SDE samplers). The noise options are AUTOMATIC1111's: `rng` ("cpu", "gpu" = torch on
+    DDIM, 1 for ancestral and SDE samplers). `clip_skip` is AUTOMATIC1111's (2: the text encoder's penultimate
+    layer, for SD 1.x; SD 2.x and SDXL ignore it as there). The noise options are AUTOMATIC1111's: `rng` ("cpu", "gpu" = torch on
     CUDA, "nv" = CUDA's generator emulated anywhere), `ensd` (eta noise seed delta), variation seeds (`subseeds`,
     one per image, and `subseed_strength`), `seed_resize_from` ((width, height) the seeds' noise was made at).
     Checked on creation; `where` names the source in messages.
@@ -113,6 +114,7 @@ class Request:
     height: int | None = None
     width: int | None = None
     prompt_weighting: bool = False
+    clip_skip: int = 1
     rng: str = "cpu"
     ensd: int = 0
     subseeds: Sequence[int] | None = None
@@ -140,6 +142,9 @@ class Request:
         if eta == 0 and sampler != "ddim" and not samplers.resolve_sampler(sampler).stochastic:
             eta = None  # no noise to scale: the same as the sampler's default
         set_field(self, "eta", sampler_eta(sampler, eta, True, self.where))
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
+            raise UsageError(f"{self.where}: clip_skip {self.clip_skip!r} must be a whole number from 1 (the last "
+                             f"layer, the default) to 12")
         set_field(self, "rng", self.rng.lower())
         if self.rng not in RNG_SOURCES:
             raise UsageError(f"{self.where}: rng {self.rng!r} is not one of {', '.join(RNG_SOURCES)}")
