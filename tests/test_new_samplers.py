@@ -476,6 +476,26 @@ def test_sde_samplers_take_one_tree_per_image_seed(toy):
     assert (other - ours).abs().mean() > 0.05
 
 
+def test_sde_trees_draw_from_the_noises_random_source(toy):
+    """A request with the NV (emulated CUDA) source draws its trees' numbers from it too, as AUTOMATIC1111's trees
+    draw with randn_local; the CPU source gives torchsde's own draws."""
+    cond, uncond = conditioning()
+    denoiser = CompVisDenoiser(toy)
+    sigmas = denoiser.get_sigmas(5)
+    runs = {}
+    for rng in ("cpu", "nv"):
+        noise = ImageNoise(SEEDS, rng=rng)
+        ours = sample(toy, "DPM++ 2M SDE", 5, SHAPE, cond, uncond, SCALE, noise, disable=True)
+        check = ImageNoise(SEEDS, rng=rng)
+        x = check.randn(SHAPE) * sigmas[0]
+        tree = k_sampling.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=SEEDS, randn=check.seeded_randn)
+        expected = k_sampling.sample_dpmpp_2m_sde(denoiser, x, sigmas, disable=True, noise_sampler=tree,
+                                                  extra_args={"cond": cond, "uncond": uncond, "cond_scale": SCALE})
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+        runs[rng] = ours
+    assert (runs["cpu"] - runs["nv"]).abs().mean() > 0.05
+
+
 def test_img2img_trees_span_the_whole_schedule(toy):
     """AUTOMATIC1111 builds an img2img run's tree over the whole schedule's range, not the part that runs."""
     cond, uncond = conditioning()

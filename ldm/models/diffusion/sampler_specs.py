@@ -131,12 +131,15 @@ class KSamplerSpec(SamplerSpec):
     def noise_sampler(self, x: torch.Tensor, sigmas: torch.Tensor, noise: ImageNoise,
                       tree_seeds: Sequence[int] | None = None, tree_randn: RandnSource | None = None) -> NoiseSampler:
         """The noise of a run over `sigmas` (a whole schedule): for the Brownian-noise samplers one Brownian tree
-        per image over the schedule's positive range, seeded with `tree_seeds` (default: `noise`'s seeds, which are
-        the image seeds AUTOMATIC1111 seeds its trees with) and drawing from `tree_randn` (default: torch's CPU
-        generator); for the others each image's own stream of `noise`."""
+        per image over the schedule's positive range, seeded with `tree_seeds` (default: `noise.brownian_seeds()`,
+        the image seeds AUTOMATIC1111 seeds its trees with) and drawing from `tree_randn` (default: `noise`'s random
+        source, `noise.seeded_randn`; torchsde's own CPU draws, the same numbers, for the CPU source); for the others
+        each image's own stream of `noise`."""
         if not self.brownian_noise:
             return noise.noise_sampler(x)
-        seeds = [int(seed) for seed in (noise.seeds if tree_seeds is None else tree_seeds)]
+        seeds = [int(seed) for seed in (noise.brownian_seeds() if tree_seeds is None else tree_seeds)]
+        if tree_randn is None and noise.rng != "cpu":
+            tree_randn = noise.seeded_randn
         return BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds, randn=tree_randn)
 
     def run(self, denoiser: Any, x: torch.Tensor, sigmas: torch.Tensor, cond: Any, uncond: Any, scale: float,

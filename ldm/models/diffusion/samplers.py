@@ -166,8 +166,9 @@ def sample(model: Any, name: str, steps: int, shape: Sequence[int], cond: Any, u
     call the model at integer timesteps only (default: fractional ones, as k-diffusion and AUTOMATIC1111 do);
     `sigmas`, the run's own schedule (steps + 1 decreasing levels ending at 0) instead of the entry's;
     `discard_next_to_last_sigma`, AUTOMATIC1111's rule for DPM2, DPM2 a and DPM++ 3M SDE (see the entries'
-    attribute); `tree_seeds` and `tree_randn`, the seeds (default: `noise`'s) and the random source (default:
-    torch's CPU generator) of the Brownian trees of the SDE samplers (`KSamplerSpec.noise_sampler`).
+    attribute); `tree_seeds` and `tree_randn`, the seeds and the random source of the Brownian trees of the SDE
+    samplers (default: `noise`'s image seeds and random source, as AUTOMATIC1111 seeds them; see
+    `KSamplerSpec.noise_sampler`).
     """
     spec = resolve_sampler(name)
     shape = tuple(int(size) for size in shape)
