@@ -144,11 +144,16 @@ def test_metadata_round_trips_to_identical_pixels(cli, tmp_path, flags):
     for source_flag, source in (("--metadata_from", original.with_suffix(".yaml")), ("--metadata_from", original),
                                 ("--from-file", original.with_suffix(".yaml"))):
         again = tmp_path / f"again{source_flag}{source.suffix}"
-        status, _, stderr = cli(source_flag, source, "--seed", 999, "--skip_grid", "--n_iter", 1, outdir=again)
+        # a prompt file's line wins over the flags; --metadata_from's record gives way to a flag the user gives
+        seed = ["--seed", 999] if source_flag == "--from-file" else []
+        status, _, stderr = cli(source_flag, source, *seed, "--skip_grid", "--n_iter", 1, outdir=again)
         assert status == 0, stderr
         assert sample_names(again) == ["00000.png"]
         assert np.array_equal(pixels(again / "samples/00000.png"), pixels(original)), (source_flag, source)
         assert sidecar(again / "samples/00000.png") == sidecar(original)
+    status, _, stderr = cli("--metadata_from", original, "--seed", 999, "--skip_grid", outdir=tmp_path / "flag")
+    assert status == 0, stderr
+    assert sidecar(tmp_path / "flag/samples/00000.png")["seed"] == 999
 
 
 def test_prompt_file_with_comments_overrides_and_a_short_last_batch(cli, tmp_path, monkeypatch):

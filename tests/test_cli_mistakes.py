@@ -117,6 +117,7 @@ def files(tmp_path_factory, tiny_checkpoints, tiny_xl_checkpoints) -> dict[str, 
     Image.fromarray(rgb).save(paths["photo"])
     for name, text in (("list.yaml", "- prompt: a\n"), ("garbled.yaml", "prompt: [a\n"),
                        ("seed_abc.yaml", "prompt: a cat\nseed: abc\n"), ("h_negative.yaml", "prompt: a cat\nH: -5\n"),
+                       ("scale_huge.yaml", "prompt: a cat\nscale: 1000000\n"),
                        ("hash_list.yaml", "prompt: a cat\nmodel_hash: [1]\n"),
                        ("embeddings_number.yaml", "prompt: a cat\nembeddings: 3\nlora: 7\n"),
                        ("weighting_text.yaml", "prompt: a cat\nprompt_weighting: yes please\n"),
@@ -193,7 +194,8 @@ MISTAKES = [
     ("t", ["--metadata_from", "{garbled.yaml}"], "garbled.yaml is not valid yaml"),
     ("t", ["--metadata_from", "{binary.yaml}"], "is neither a .yaml sidecar nor a PNG"),
     ("t", ["--metadata_from", "{seed_abc.yaml}"], "seed_abc.yaml: seed must be an integer, got 'abc'"),
-    ("t", ["--metadata_from", "{h_negative.yaml}"], "H -5 is not a positive multiple of 8"),
+    ("t", ["--metadata_from", "{scale_huge.yaml}"], "scale 1e+06 is too large"),  # a recorded value no flag overrides
+    ("t", ["--from-file", "{h_negative.yaml}"], "H -5 is not a positive multiple of 8"),
     ("t", ["--metadata_from", "{hash_list.yaml}"], "model_hash must be text, got [1]"),
     ("t", ["--metadata_from", "{weighting_text.yaml}"], "prompt_weighting must be true or false"),
     ("t", ["--metadata_from", "{switch_abc.yaml}"], "refiner_switch must be a finite number, got 'abc'"),

@@ -5,6 +5,7 @@ import argparse
 import math
 import os
 import re
+import sys
 import textwrap
 from typing import Sequence
 
@@ -198,7 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    return parse_with_given(build_parser(), argv)
+
+
+def parse_with_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, with `given`: the destinations of the flags the command line names (they win over
+    the settings of a --metadata_from image)."""
+    opt = parser.parse_args(argv)
+    words = {word.split("=", 1)[0] for word in (sys.argv[1:] if argv is None else argv) if str(word).startswith("-")}
+    opt.given = {action.dest for action in parser._actions if words & set(action.option_strings)}
+    return opt
 
 
 def check_counts(opt: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ldm.cli import img2img
+from ldm.cli import arguments, img2img
 from ldm.cli.img2img import Img2ImgShell, file_hash, read_recorded, take_recorded_file
 from ldm.cli.txt2img import main as run_main
 from ldm.pipeline import AddOn, Inpaint
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    return arguments.parse_with_given(build_parser(), argv)
 
 
 class InpaintShell(Img2ImgShell):

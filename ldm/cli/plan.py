@@ -80,7 +80,13 @@ def read_jobs(opt: argparse.Namespace) -> list[PromptJob]:
             except ValueError as error:
                 raise UsageError(str(error)) from None
             opt.n_iter, opt.n_samples, opt.repeat = 1, 1, 1  # exactly the image the sidecar describes
-            return [job_from_mapping(record, opt.metadata_from, allow_empty=True)]
+            apply_recorded_options(opt, record)
+            job = job_from_mapping({key: value for key, value in record.items() if key not in RUN_OPTIONS},
+                                   opt.metadata_from, allow_empty=True)
+            given = getattr(opt, "given", set())  # a flag on the command line wins over the recorded setting
+            job.overrides = {key: value for key, value in job.overrides.items()
+                             if not given & set(OVERRIDE_FLAGS.get(key, ()))}
+            return [job]
         if opt.from_file:
             return read_prompt_file(opt.from_file)
     except PromptFileError as error:
@@ -88,6 +94,36 @@ def read_jobs(opt: argparse.Namespace) -> list[PromptJob]:
     if opt.prompt is None:
         raise UsageError("--prompt needs a text (or use --from-file)")
     return [PromptJob(prompt=opt.prompt)]
+
+
+# The flags a recorded per-image setting stands for (a flag given wins over the record).
+OVERRIDE_FLAGS = {"steps": ("ddim_steps",), "scale": ("scale",), "seed": ("seed",), "H": ("H",), "W": ("W",),
+                  "sampler": ("sampler", "plms", "dpm_solver"), "eta": ("ddim_eta",),
+                  "negative_prompt": ("negative_prompt",)}
+# Recorded run-wide options and the flags they set (AUTOMATIC1111's fields read from an infotext, or a sidecar).
+RUN_OPTIONS = {"clip_skip": "clip_skip", "ensd": "ensd", "rng": "rng", "subseed": "subseed",
+               "subseed_strength": "subseed_strength", "seed_resize_from_w": "seed_resize_from_w",
+               "seed_resize_from_h": "seed_resize_from_h", "hr_scale": "hr_scale",
+               "hr_second_pass_steps": "hr_second_pass_steps", "hr_upscaler": "hr_upscaler",
+               "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y", "scheduler": "scheduler"}
+HIRES_KEYS = ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps")
+
+
+def apply_recorded_options(opt: argparse.Namespace, record: dict[str, Any]) -> None:
+    """The run-wide options a --metadata_from image records, set on `opt` where its flag was not given: clip skip,
+    ENSD, random source, variation seed, seed resize, hires fix (its denoising strength), schedule type; and
+    AUTOMATIC1111's defaults for what its infotexts leave out (the GPU random source, emphasis on)."""
+    given = getattr(opt, "given", set())
+    from_a1111 = "version" in record and "model" in record and not record.get("file")
+    if from_a1111:
+        record.setdefault("rng", "gpu")  # AUTOMATIC1111's default source, which it does not write
+        if str(record.get("emphasis", "Original")).lower() != "none":
+            record.setdefault("prompt_weighting", True)
+    if any(key in record for key in HIRES_KEYS) and "strength" in record:
+        record["denoising_strength"] = record.pop("strength")  # txt2img's: the hires pass's
+    for key, flag in {**RUN_OPTIONS, "denoising_strength": "denoising_strength"}.items():
+        if key in record and flag not in given and hasattr(opt, flag):
+            setattr(opt, flag, record[key])
 
 
 def job_settings(opt: argparse.Namespace, job: PromptJob, sampler: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 from ldm.checkpoints import CheckpointError
 from ldm.cli.arguments import check_counts, lora_specs, parse_args
@@ -27,6 +28,7 @@ from ldm.loading import LoadError
 from ldm.pipeline import AddOn, ControlNet, Embeddings, Loras, Options, Pipeline, Refiner, prompt_lora_tags
 from ldm.pipeline.addons.hires import HiresFix
 from ldm.pipeline.addons.refiner import DEFAULT_SWITCH
+from ldm.pipeline.extra_networks import lora_present, lora_tags
 from ldm.pipeline.errors import GenerationError, UsageError
 from ldm.pipeline.metadata import check_made_by
 from ldm.pipeline.model_info import check_latent_flags
@@ -66,8 +68,9 @@ class Shell:
         check_files(opt)
         specs = lora_specs(opt.lora)
         self.embeddings = Embeddings(opt.embeddings)
-        if opt.metadata_from and self.recorded.get("prompt_weighting"):
+        if opt.metadata_from and self.recorded.get("prompt_weighting") and "prompt_weighting" not in opt.given:
             opt.prompt_weighting = True  # the recorded image read its prompts with weights
+        self.take_recorded_inputs()
         self.requests = self.plan.requests(opt)
         self.loras = Loras(specs, prompt_lora_tags(self.requests), opt.lora_dir)
         self.addons = self.make_addons()
@@ -150,6 +153,28 @@ class Shell:
         if self.world.leader:
             print(message, flush=True)
 
+    def take_recorded_inputs(self) -> None:
+        """--metadata_from: say which recorded fields this tool does not apply, emulate CUDA's random numbers where
+        the image was made with them and there is no CUDA here, and name every LoRA the prompt needs that is not
+        found (with the hash to look for)."""
+        opt, recorded = self.opt, self.recorded
+        if not opt.metadata_from:
+            return
+        ignored = recorded.get("ignored_fields")
+        if ignored:
+            self.note(f"{opt.metadata_from}: not applied, as this tool has no such setting: {ignored}")
+        if opt.rng == "gpu" and not torch.cuda.is_available() and "rng" not in opt.given:
+            opt.rng = "nv"
+            self.note(f"{opt.metadata_from} was made with CUDA's random numbers (RNG: GPU): there is no CUDA here, "
+                      f"so they are emulated (--rng nv), which gives the same noise")
+        hashes = dict(part.strip().rpartition(": ")[::2] for part in str(recorded.get("lora_hashes", "")).split(",")
+                      if ": " in part)
+        missing = [tag.name for job in self.plan.images[:1] for tag in lora_tags(job.prompt)
+                   if not lora_present(tag.name, opt.lora_dir)]
+        if missing:
+            raise UsageError(f"{opt.metadata_from} needs LoRA files not found in {opt.lora_dir}: "
+                             + ", ".join(f"{name} (hash {hashes.get(name, 'not recorded')})" for name in missing))
+
     def note_recorded_differences(self) -> None:
         """--metadata_from: name what this run does differently from the recorded image."""
         opt, recorded = self.opt, self.recorded
@@ -164,8 +189,10 @@ class Shell:
                       f"{self.loras.text or 'none'}: the image will differ")
         missing = self.embeddings.missing(recorded.get("embeddings"))
         if missing:
-            self.note(f"{opt.metadata_from} was made with the embeddings {', '.join(missing)}, which this run does "
-                      f"not load (--embeddings): the image will differ")
+            hashes = dict(part.strip().rpartition(": ")[::2] for part in str(recorded.get("embeddings")).split(","))
+            named = ", ".join(f"{name} (hash {hashes.get(name, 'not recorded')})" for name in missing)
+            self.note(f"{opt.metadata_from} was made with the embeddings {named}, which this run does not load "
+                      f"(--embeddings): the image will differ")
 
     # --- the run ---------------------------------------------------------------------------------------------------
     def load(self) -> None:

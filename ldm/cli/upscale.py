@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    return arguments.parse_with_given(build_parser(), argv)
 
 
 class UpscaleShell(Shell):

@@ -69,6 +69,14 @@ def other_networks(prompts: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def lora_present(name: str, folder: str | os.PathLike) -> bool:
+    try:
+        find_lora(name, folder)
+    except UsageError:
+        return False
+    return True
+
+
 def find_lora(name: str, folder: str | os.PathLike) -> Path:
     """The file of LoRA `name` in `folder` (searched below it too): `name` with a LoRA suffix, or a file whose stem is
     `name`; UsageError naming the folder when there is none."""

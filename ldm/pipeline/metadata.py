@@ -31,9 +31,16 @@ NEGATIVE_PREFIX = "Negative prompt: "
 # Keys sidecars carry that say which model made the image: kept for a warning, not settings.
 INFO_KEYS = ("model", "model_hash", "vae", "lora", "embeddings", "file", "strength", "init_image", "init_image_hash",
              "refiner", "refiner_switch", "prompt_weighting", "mask", "mask_hash", "controlnet", "controlnet_hash",
-             "control_image", "control_image_hash", "control_scale", "noise_level")
+             "control_image", "control_image_hash", "control_scale", "noise_level",
+             # AUTOMATIC1111's run options and fields (infotexts and our sidecars)
+             "scheduler", "clip_skip", "ensd", "rng", "subseed", "subseed_strength", "seed_resize_from_w",
+             "seed_resize_from_h", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "hr_resize_x", "hr_resize_y",
+             "denoising_strength", "lora_hashes", "emphasis", "version", "vae_hash", "ignored_fields",
+             "seed_resize_from")
 
-INFO_NUMBERS = ("strength", "refiner_switch", "control_scale", "noise_level")  # the other INFO_KEYS are text
+INFO_NUMBERS = ("strength", "refiner_switch", "control_scale", "noise_level", "clip_skip", "ensd", "subseed",
+                "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "hr_scale", "hr_second_pass_steps",
+                "hr_resize_x", "hr_resize_y", "denoising_strength")  # the other INFO_KEYS are text
 INFO_FLAGS = ("prompt_weighting",)
 
 
@@ -180,6 +187,20 @@ def parameters_text(record: ImageRecord) -> str:
 _PAIR = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
+# AUTOMATIC1111's infotext fields this tool applies, beside its own (label -> sidecar key, conversion)
+A1111_FIELDS: dict[str, tuple[str, Any]] = {
+    "Schedule type": ("scheduler", str), "Clip skip": ("clip_skip", int), "ENSD": ("ensd", int),
+    "RNG": ("rng", lambda value: value.strip().lower()), "Variation seed": ("subseed", int),
+    "Variation seed strength": ("subseed_strength", float), "Hires upscale": ("hr_scale", float),
+    "Hires steps": ("hr_second_pass_steps", int), "Hires upscaler": ("hr_upscaler", str),
+    "Eta DDIM": ("eta_ddim", float), "Lora hashes": ("lora_hashes", str), "Emphasis": ("emphasis", str),
+    "Version": ("version", str), "VAE hash": ("vae_hash", str),
+}
+SIZE_FIELDS = {"Size": ("W", "H"), "Seed resize from": ("seed_resize_from_w", "seed_resize_from_h"),
+               "Hires resize": ("hr_resize_x", "hr_resize_y")}
+KNOWN_UNUSED = ("Init image hash",)  # recorded by img2img runs, compared by the scripts
+
+
 def parse_parameters_text(text: str) -> dict[str, Any]:
     """The fields of a "parameters" text, named as in the sidecar (prompt, negative_prompt, steps, sampler, ...)."""
     lines = text.split("\n")
@@ -203,7 +224,8 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
                   "ControlNet": ("controlnet", str), "ControlNet hash": ("controlnet_hash", str),
                   "Control image": ("control_image", str), "Control image hash": ("control_image_hash", str),
                   "Control scale": ("control_scale", float), "Noise level": ("noise_level", int),
-                  "Prompt weighting": ("prompt_weighting", lambda value: value == "true")}
+                  "Prompt weighting": ("prompt_weighting", lambda value: value == "true"),
+                  **A1111_FIELDS}
     for key, (name, convert) in converters.items():
         if key in pairs:
             try:
@@ -211,11 +233,17 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
             except ValueError:
                 raise ValueError(f"{key} {pairs[key]!r} is not {'a number' if convert in (int, float) else 'valid'}") \
                     from None
-    if "Size" in pairs:
-        width, _, height = pairs["Size"].partition("x")
-        if not (width.isdigit() and height.isdigit()):
-            raise ValueError(f"Size {pairs['Size']!r} is not WIDTHxHEIGHT")
-        result["W"], result["H"] = int(width), int(height)
+    for key, names in SIZE_FIELDS.items():
+        if key in pairs:
+            width, _, height = pairs[key].partition("x")
+            if not (width.isdigit() and height.isdigit()):
+                raise ValueError(f"{key} {pairs[key]!r} is not WIDTHxHEIGHT")
+            result[names[0]], result[names[1]] = int(width), int(height)
+    if "Eta DDIM" in pairs and str(result.get("sampler", "")).upper().startswith("DDIM"):
+        result["eta"] = result.pop("eta_ddim")
+    ignored = [key for key in pairs if key not in converters and key not in SIZE_FIELDS and key not in KNOWN_UNUSED]
+    if ignored:
+        result["ignored_fields"] = ", ".join(ignored)
     return result
 
 
@@ -280,7 +308,9 @@ def made_by(record: Mapping[str, Any]) -> str:
     img2img.py, else txt2img.py."""
     if "noise_level" in record:
         return "upscale.py"
-    return "inpaint.py" if record.get("mask") else "img2img.py" if "strength" in record else "txt2img.py"
+    hires = any(key in record for key in ("hr_scale", "hr_resize_x", "hr_upscaler", "denoising_strength"))
+    return "inpaint.py" if record.get("mask") else "img2img.py" if "strength" in record and not hires else \
+        "txt2img.py"
 
 
 def check_made_by(record: Mapping[str, Any], source: str, prog: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from ldm.checkpoints import model_hash
+from ldm.checkpoints import embedding_hash
 from ldm.pipeline.addons.base import AddOn
 from ldm.pipeline.errors import UsageError
 from ldm.textual_inversion import (EmbeddingError, check_textual_inversion, embeddings_used, load_textual_inversion,
@@ -56,12 +56,12 @@ class Embeddings(AddOn):
         return ", ".join(f"{embedding.name} ({embedding.num_vectors})" for embedding in self.embeddings)
 
     def record_text(self, texts: Iterable[str]) -> str | None:
-        """"name: hash, ..." of the embeddings `texts` use (the "TI hashes" other tools write), or None."""
+        """"name: hash, ..." of the embeddings `texts` use (AUTOMATIC1111's "TI hashes", 12 hex digits), or None."""
         used = embeddings_used(self.tokenizer, self.embeddings, texts)
         hashes = self.hashes if self.hashes is not None else {}
         for embedding in used:
             if embedding.name not in hashes:
-                hashes[embedding.name] = model_hash(embedding.path)
+                hashes[embedding.name] = embedding_hash(embedding.path)
         return ", ".join(f"{embedding.name}: {hashes[embedding.name]}" for embedding in used) or None
 
     def record(self, request: Request, index: int) -> dict[str, Any]:
