@@ -196,8 +196,8 @@ def test_embeddings_flag_gives_the_library_image_and_records_the_hash(txt2img, t
     latents = sample(model, "ddim", 2, (1, 4, 4, 4), cond, uncond, 7.5, ImageNoise([42]), eta=0.0)
     assert np.abs(decode_to_pixels(model, latents, print)[0].astype(int) - with_embedding).max() <= 1
 
-    from ldm.checkpoints import model_hash
-    recorded = f"my-style: {model_hash(folder / 'my-style.pt')}"
+    from ldm.checkpoints import embedding_hash
+    recorded = f"my-style: {embedding_hash(folder / 'my-style.pt')}"
     assert yaml.safe_load((tmp_path / "with/samples/00000.yaml").read_text())["embeddings"] == recorded
     with Image.open(tmp_path / "with/samples/00000.png") as image:
         assert f'TI hashes: "{recorded}"' in image.info["parameters"]
