@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompt_weighting", action="store_true",
         help="read prompts and negative prompts as AUTOMATIC1111 does: (word), [word], (word:1.2) weights, BREAK, "
              "and prompts past 75 tokens in chunks of 75 (default: off, plain text as CompVis, cut at 75 tokens)")
+    add("--scheduler", type=str, default=None,
+        help="AUTOMATIC1111's schedule type for k-diffusion samplers: Automatic, Uniform, Karras, Exponential, "
+             "Polyexponential, SGM Uniform, KL Optimal, Align Your Steps, Simple, Normal, DDIM, Beta (its sigmas, "
+             "defaults and dropped sigmas; default: this tool's sampler schedules)")
     add("--clip_skip", type=int, default=1,
         help="AUTOMATIC1111's clip skip: 2 reads the text encoder's penultimate layer (SD 1.x; SD 2.x and SDXL "
              "ignore it, as there)")

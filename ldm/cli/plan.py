@@ -14,7 +14,8 @@ from ldm.loading import LoadError, load_config, resolve_config
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.metadata import read_metadata_file
 from ldm.pipeline.model_info import model_defaults
-from ldm.pipeline.request import Request, check_image_settings, check_seed, resolve_sampler, sampler_eta
+from ldm.pipeline.request import (Request, a1111_sampler_and_schedule, check_image_settings, check_seed,
+                                  resolve_sampler, sampler_eta)
 
 # The settings that must agree for images to share a batch (one sampler call).
 BATCH_KEYS = ("steps", "sampler", "scale", "eta", "H", "W")
@@ -53,7 +54,8 @@ def batch_request(batch: list[PlannedImage], opt: argparse.Namespace) -> Request
     return Request([image.prompt for image in batch], [image.negative_prompt for image in batch],
                    seeds=[image.seed for image in batch], steps=settings["steps"], sampler=settings["sampler"],
                    scale=settings["scale"], eta=settings["eta"], height=settings["H"], width=settings["W"],
-                   prompt_weighting=opt.prompt_weighting, clip_skip=opt.clip_skip, rng=opt.rng, ensd=opt.ensd,
+                   prompt_weighting=opt.prompt_weighting, clip_skip=opt.clip_skip, scheduler=opt.scheduler,
+                   rng=opt.rng, ensd=opt.ensd,
                    subseeds=[image.subseed for image in batch] if opt.subseed_strength > 0 else None,
                    subseed_strength=opt.subseed_strength, seed_resize_from=resize if min(resize) > 0 else None,
                    where="flags")
@@ -117,6 +119,9 @@ def apply_recorded_options(opt: argparse.Namespace, record: dict[str, Any]) -> N
     from_a1111 = "version" in record and "model" in record and not record.get("file")
     if from_a1111:
         record.setdefault("rng", "gpu")  # AUTOMATIC1111's default source, which it does not write
+        if "sampler" in record:  # AUTOMATIC1111's sigmas: "DPM++ 2M Karras" is DPM++ 2M with Karras
+            record["sampler"], record["scheduler"] = a1111_sampler_and_schedule(str(record["sampler"]),
+                                                                                record.get("scheduler"))
         if str(record.get("emphasis", "Original")).lower() != "none":
             record.setdefault("prompt_weighting", True)
     if any(key in record for key in HIRES_KEYS) and "strength" in record:

@@ -21,7 +21,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.models.diffusion.samplers import sampler_display_name
-from ldm.models.diffusion.schedule_types import a1111_sampler
+from ldm.models.diffusion.schedule_types import a1111_sampler, infotext_schedule_type
 
 PARAMETERS_KEY = "parameters"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -133,6 +133,9 @@ def request_fields(request: Any, index: int) -> list[ExtraField]:
         extras.append(ExtraField("seed_resize_from", f"{width}x{height}", "Seed resize from", f"{width}x{height}"))
     if request.ensd and records_ensd(request.sampler, request.ensd, request.eta):
         extras.append(ExtraField("ensd", request.ensd, "ENSD", str(request.ensd)))
+    if request.scheduler is not None:
+        label = infotext_schedule_type(sampler_display_name(request.sampler), request.scheduler)
+        extras.append(ExtraField("scheduler", request.scheduler, "Schedule type", label))
     if request.clip_skip > 1:
         extras.append(ExtraField("clip_skip", request.clip_skip, "Clip skip", str(request.clip_skip)))
     if request.rng != "gpu":

@@ -24,7 +24,9 @@ from ldm.checkpoints import CheckpointError, model_hash, read_shapes
 from ldm.devices import accelerator_memory, choose_device, choose_dtype
 from ldm.loading import LoadError, check_loadable, load_config, load_model, resolve_config
 from ldm.models.diffusion.noise import ImageNoise
-from ldm.models.diffusion.samplers import sample
+from ldm.models.diffusion.samplers import sample, sampler_display_name
+from ldm.models.diffusion.schedule import NoiseSchedule
+from ldm.models.diffusion.schedule_types import a1111_sigmas
 from ldm.modules.encoders.modules import clip_skip_encoders, use_clip_skip
 from ldm.modules.encoders.prompt_weighting import weighted_conditioning
 from ldm.pipeline.addons.base import AddOn, SampleCall
@@ -325,8 +327,16 @@ class Pipeline:
                 return made
         request = call.request
         latents = sample(self.model, call.sampler, call.steps, self.latent_shape(request), call.cond, call.uncond,
-                         request.scale, self.noise(request), eta=call.eta)
+                         request.scale, self.noise(request), eta=call.eta,
+                         sigmas=self.sigmas(request, call.sampler, call.steps))
         return latents, call.steps
+
+    def sigmas(self, request: Request, sampler: str, steps: int) -> torch.Tensor | None:
+        """AUTOMATIC1111's sigmas for the request's schedule type (None: the sampler's own schedule)."""
+        if request.scheduler is None or sampler != request.sampler:  # a warm-up's DDIM has none
+            return None
+        schedule = NoiseSchedule(self.model.alphas_cumprod)
+        return a1111_sigmas(sampler_display_name(sampler), steps, schedule, request.scheduler).to(self.device)
 
     def noise(self, request: Request, seeds: Sequence[int] | None = None) -> ImageNoise:
         """The per-image noise of `request` (of `seeds` alone, without the request's variation, when given)."""

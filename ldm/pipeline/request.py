@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from ldm.models.diffusion import samplers
 from ldm.models.diffusion.noise import RNG_SOURCES
+from ldm.models.diffusion.schedule_types import schedule_type, split_sampler_and_schedule
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.metadata import parse_parameters_text
 
@@ -59,6 +60,33 @@ def sampler_eta(sampler: str, eta: float | None, explicit: bool, where: str) -> 
     return eta
 
 
+def a1111_sampler_and_schedule(name: str, schedule: str | None = None) -> tuple[str, str | None]:
+    """The sampler and schedule type an AUTOMATIC1111 infotext's `Sampler` (and `Schedule type`) stand for:
+    "DPM++ 2M Karras" is DPM++ 2M with Karras, a plain k-diffusion name takes "Automatic" (its sampler's
+    default); CompVis samplers keep their name and take none."""
+    try:
+        spec = samplers.resolve_sampler(name)
+    except ValueError:
+        return name, schedule  # the request reports the unknown name in its words
+    if not isinstance(spec, samplers.KSamplerSpec):
+        return name, None
+    sampler, combined = split_sampler_and_schedule(name)
+    return sampler, combined or schedule or "Automatic"
+
+
+def check_scheduler(sampler: str, scheduler: str, where: str) -> str:
+    """The schedule type's label; UsageError for an unknown one, or one a CompVis sampler (ddim, plms, dpm_solver:
+    they step through the model's own timesteps) cannot take."""
+    try:
+        label = schedule_type(scheduler).label
+    except ValueError as error:
+        raise UsageError(f"{where}: {error}") from None
+    if label != "Automatic" and not isinstance(samplers.resolve_sampler(sampler), samplers.KSamplerSpec):
+        raise UsageError(f"{where}: {sampler} steps through the model's own timesteps and takes no schedule type "
+                         f"({label}): use a k-diffusion sampler such as euler or dpmpp_2m, or leave it out")
+    return label
+
+
 def check_image_settings(settings: dict[str, Any], where: str, f: int = SIZE_MULTIPLE) -> None:
     """Steps, size, scale and eta of one prompt's settings (keys steps, H, W, scale, eta)."""
     steps = settings["steps"]
@@ -96,7 +124,10 @@ class Request:
     From code: `Request("a cat", seed=7, batch_size=4)` (seeds 7..10), or `Request(["a cat", "a dog"],
     seeds=[1, 2])`. `height`/`width` None take the model's own size. `eta` None keeps the sampler's default (0 for
     DDIM, 1 for ancestral and SDE samplers). `clip_skip` is AUTOMATIC1111's (2: the text encoder's penultimate
-    layer, for SD 1.x; SD 2.x and SDXL ignore it as there). The noise options are AUTOMATIC1111's: `rng` ("cpu", "gpu" = torch on
+    layer, for SD 1.x; SD 2.x and SDXL ignore it as there). `scheduler` is an AUTOMATIC1111 schedule type
+    ("Karras", "Exponential", "SGM Uniform", "Align Your Steps", ...; None: this tool's sampler defaults): with one,
+    the sigmas are AUTOMATIC1111's for the sampler, its "Automatic" defaults and dropped sigmas included. The noise
+    options are AUTOMATIC1111's: `rng` ("cpu", "gpu" = torch on
     CUDA, "nv" = CUDA's generator emulated anywhere), `ensd` (eta noise seed delta), variation seeds (`subseeds`,
     one per image, and `subseed_strength`), `seed_resize_from` ((width, height) the seeds' noise was made at).
     Checked on creation; `where` names the source in messages.
@@ -115,6 +146,7 @@ class Request:
     width: int | None = None
     prompt_weighting: bool = False
     clip_skip: int = 1
+    scheduler: str | None = None
     rng: str = "cpu"
     ensd: int = 0
     subseeds: Sequence[int] | None = None
@@ -145,6 +177,8 @@ class Request:
         if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
             raise UsageError(f"{self.where}: clip_skip {self.clip_skip!r} must be a whole number from 1 (the last "
                              f"layer, the default) to 12")
+        if self.scheduler is not None:
+            set_field(self, "scheduler", check_scheduler(sampler, self.scheduler, self.where))
         set_field(self, "rng", self.rng.lower())
         if self.rng not in RNG_SOURCES:
             raise UsageError(f"{self.where}: rng {self.rng!r} is not one of {', '.join(RNG_SOURCES)}")
