@@ -79,3 +79,12 @@ def test_missing_loras_are_named_with_their_hashes(setup, tmp_path, capsys):
     status, err = run(base + ["--metadata_from", image, "--outdir", tmp_path / "out"], capsys)
     assert status == 2 and f"needs LoRA files not found in {tmp_path / 'Lora'}: style (hash abcdef012345)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_text_file_holding_the_infotext_works_as_the_png(setup, tmp_path, capsys):
+    base, image = setup
+    (tmp_path / "copied.txt").write_text(INFOTEXT + "\n", encoding="utf-8")
+    assert run(base + ["--metadata_from", image, "--outdir", tmp_path / "png"], capsys)[0] == 0
+    assert run(base + ["--metadata_from", tmp_path / "copied.txt", "--outdir", tmp_path / "txt"], capsys)[0] == 0
+    assert np.array_equal(pixels(tmp_path / "png" / "samples" / "00000.png"),
+                          pixels(tmp_path / "txt" / "samples" / "00000.png"))

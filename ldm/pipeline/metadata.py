@@ -293,6 +293,11 @@ def read_metadata_file(path: str) -> dict[str, Any]:
     elif path.lower().endswith(".png"):
         raise ValueError(f"{path} is not a PNG image (its first bytes are not a PNG's): pass a PNG this tool saved, "
                          f"or its .yaml sidecar")
+    elif looks_like_infotext(data):  # a text file holding a "parameters" text (copied from a web page)
+        try:
+            record = parse_parameters_text(data.decode("utf-8-sig").strip())
+        except ValueError as error:
+            raise ValueError(f"{path}: its parameters text cannot be read: {error}") from None
     else:
         try:
             record = yaml.safe_load(data.decode("utf-8-sig"))
@@ -304,6 +309,16 @@ def read_metadata_file(path: str) -> dict[str, Any]:
         if not isinstance(record, dict) or "prompt" not in record:
             raise ValueError(f"{path} is not an image sidecar: expected a yaml mapping with a 'prompt' key")
     return {**record, **checked_info(record, path)}
+
+
+def looks_like_infotext(data: bytes) -> bool:
+    """Whether `data` is a "parameters" text: UTF-8 whose last line holds Steps, Sampler and Seed pairs."""
+    try:
+        last = data.decode("utf-8-sig").strip().rsplit("\n", 1)[-1]
+    except UnicodeDecodeError:
+        return False
+    keys = {key.strip() for key, _ in _PAIR.findall(last)}
+    return {"Steps", "Seed"} <= keys
 
 
 def made_by(record: Mapping[str, Any]) -> str:
