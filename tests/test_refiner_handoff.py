@@ -158,3 +158,16 @@ def test_metadata_from_a_handoff_image_takes_its_switch(tiny_xl_checkpoints, ref
     assert main(base_flags(tiny_xl_checkpoints, tmp_path / "base") + ["--metadata_from",
                                                                       str(first.with_suffix(".yaml"))]) == 0
     assert "was finished by the refiner tiny-refiner: pass --refiner" in capsys.readouterr().err
+
+
+def test_an_sde_sampler_keeps_one_brownian_tree_across_the_handoff(models):
+    """Handing off to the same model must change nothing for a single-step SDE sampler: the refiner's half draws
+    from the same tree over the whole schedule, not a new tree over its half."""
+    from ldm.models.diffusion.samplers import sample
+
+    base = models["xl"]
+    cond = conditioning(base, PROMPTS[:1], "")
+    shape, noise_seeds = (1, 4, 8, 8), [11]
+    whole = sample(base, "dpmpp_sde", 6, shape, *cond, SCALE, ImageNoise(noise_seeds))
+    handed = sample_with_refiner(base, base, "dpmpp_sde", 6, shape, 0.5, cond, cond, SCALE, ImageNoise(noise_seeds))
+    torch.testing.assert_close(handed, whole, rtol=1e-5, atol=1e-5)

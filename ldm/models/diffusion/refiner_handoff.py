@@ -62,8 +62,11 @@ def sample_with_refiner(base: Any, refiner: Any, name: str, steps: int, shape: S
     timesteps = base_denoiser.schedule.sigma_to_t(sigmas[:-1], quantize=False)  # one per step, decreasing
     split = handoff_index(timesteps, switch, base.num_timesteps)
     x = x_T * sigmas[0]
+    noise_sampler = spec.noise_sampler(x, sigmas, noise)  # one Brownian tree over the whole schedule, both halves
     if split > 0:
-        x = spec.run(base_denoiser, x, sigmas[:split + 1], *base_conditioning, scale, noise, eta, None, disable)
+        x = spec.run(base_denoiser, x, sigmas[:split + 1], *base_conditioning, scale, noise, eta, None, disable,
+                     noise_sampler=noise_sampler)
     if split < len(timesteps):
-        x = spec.run(refiner_denoiser, x, sigmas[split:], *refiner_conditioning, scale, noise, eta, None, disable)
+        x = spec.run(refiner_denoiser, x, sigmas[split:], *refiner_conditioning, scale, noise, eta, None, disable,
+                     noise_sampler=noise_sampler)
     return x
