@@ -13,7 +13,6 @@ the two pipelines are compared to show they did the same work.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import multiprocessing
 import os
@@ -208,23 +207,14 @@ MEMORY_MODES = {"attention slicing": {"attention_slicing": True}, "vae tiling": 
                 "sequential offload": {"offload": "sequential"}}
 
 
-def write_hf_tokenizer_files(folder: Path) -> None:
-    """vocab.json / merges.txt of the CLIP BPE, derived from this project's vocabulary (no download)."""
-    from ldm.modules.encoders.clip_tokenizer import NUM_MERGES, VOCABULARY_PATH, byte_to_unicode
-    merges = gzip.open(VOCABULARY_PATH, "rt", encoding="utf-8").read().split("\n")[1:NUM_MERGES + 1]
-    characters = list(byte_to_unicode().values())
-    tokens = characters + [c + "</w>" for c in characters] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-
-
 class DiffusersPipeline:
     """diffusers' StableDiffusionPipeline (default SDPA attention) built offline from the same checkpoint; it starts
     from the given x_T (`seed` is the one x_T was drawn with)."""
 
     def __init__(self, ckpt: str, config: str, device: torch.device, dtype: torch.dtype, variant: str, seed: int):
         import transformers
+
+        from ldm.modules.encoders.clip_tokenizer import write_hf_vocabulary
         from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from diffusers.loaders import single_file_utils as convert
         from omegaconf import OmegaConf
@@ -257,7 +247,7 @@ class DiffusersPipeline:
             if meta:
                 raise SystemExit(f"diffusers model left unloaded tensors: {meta[:3]}")
         folder = Path(tempfile.mkdtemp())
-        write_hf_tokenizer_files(folder)
+        write_hf_vocabulary(folder)
         tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder), pad_token="<|endoftext|>",
                                                                model_max_length=77, local_files_only=True)
         shutil.rmtree(folder)

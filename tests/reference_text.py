@@ -2,12 +2,9 @@
 `text_model.` wrapper, and Hugging Face tokenizer files made from our vocabulary."""
 from __future__ import annotations
 
-import gzip
-import json
-
 import torch
 
-from ldm.modules.encoders.clip_tokenizer import NUM_MERGES, VOCABULARY_PATH, byte_to_unicode
+from ldm.modules.encoders.clip_tokenizer import write_hf_vocabulary  # noqa: F401 - the tests' name for it
 
 
 def hf_text_config(width: int, layers: int, heads: int, activation: str, projection_dim: int = 512):
@@ -26,11 +23,3 @@ def for_transformers(model: torch.nn.Module, converted: dict[str, torch.Tensor])
     return {key.removeprefix("text_model."): value for key, value in converted.items()}
 
 
-def write_hf_vocabulary(directory) -> None:
-    """vocab.json / merges.txt as the HF CLIP tokenizer files are laid out, derived from the gz vocabulary."""
-    merges = gzip.open(VOCABULARY_PATH, "rt", encoding="utf-8").read().split("\n")[1:NUM_MERGES + 1]
-    characters = list(byte_to_unicode().values())
-    tokens = characters + [c + "</w>" for c in characters] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

@@ -78,6 +78,12 @@ def refuse_inpainting(config: Any, ckpt: str) -> None:
                          f"image): use scripts/inpaint.py --init-img IMAGE --mask MASK")
 
 
+def refuse_special_models(config: Any, ckpt: str) -> None:
+    """UsageError unless `config` is a plain text-to-image model's (not the x4 upscaler, not an inpainting model)."""
+    refuse_upscaler(config, ckpt)
+    refuse_inpainting(config, ckpt)
+
+
 def ddim_steps_fit(steps: int, timesteps: int) -> bool:
     """Whether DDIM/PLMS's uniform timesteps for `steps` stay inside the model's (CompVis's +1 shift can overshoot)."""
     return max(make_ddim_timesteps("uniform", steps, timesteps)) < timesteps

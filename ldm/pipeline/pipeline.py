@@ -38,7 +38,7 @@ from ldm.pipeline.extra_networks import strip_extra_networks
 from ldm.pipeline.memory import (check_request_memory, check_weights_fit, out_of_memory_advice,
                                  resident_weight_bytes, weight_bytes_by_part)
 from ldm.pipeline.metadata import ImageRecord, request_fields
-from ldm.pipeline.model_info import check_against_model, model_defaults, refuse_inpainting, refuse_upscaler
+from ldm.pipeline.model_info import check_against_model, model_defaults, refuse_special_models
 from ldm.pipeline.prompt_checks import prompt_notes
 from ldm.pipeline.request import Request
 
@@ -173,8 +173,7 @@ class Pipeline:
         if sampling is not None:
             sampling.check_model_kind(setup.config, setup.ckpt)
         else:
-            refuse_upscaler(setup.config, setup.ckpt)
-            refuse_inpainting(setup.config, setup.ckpt)
+            refuse_special_models(setup.config, setup.ckpt)
         requests = [_with_size(request, _default_size(setup)) for request in requests]
         # the checkpoint (with the vae) must load with its config: checked on shapes only, nothing read
         setup.skeleton = check_loadable(ckpt, config_path, use_ema=options.use_ema,

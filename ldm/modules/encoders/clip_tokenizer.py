@@ -10,6 +10,7 @@ import functools
 import gzip
 import heapq
 import html
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -52,6 +53,18 @@ def byte_to_unicode() -> dict[int, str]:
     for offset, byte in enumerate(shifted):
         mapping[byte] = chr(256 + offset)
     return mapping
+
+
+def write_hf_vocabulary(folder: Path) -> None:
+    """vocab.json / merges.txt in the Hugging Face CLIP tokenizer layout, derived from this package's vocabulary (for
+    tools that want those files; nothing is downloaded)."""
+    merges = gzip.open(VOCABULARY_PATH, "rt", encoding="utf-8").read().split("\n")[1:NUM_MERGES + 1]
+    characters = list(byte_to_unicode().values())
+    tokens = characters + [c + "</w>" for c in characters] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocabulary = {token: index for index, token in enumerate(tokens)}
+    (Path(folder) / "vocab.json").write_text(json.dumps(vocabulary), encoding="utf-8")
+    (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.models.diffusion.samplers import encoded_latents, resolves_img2img, sample, sample_img2img
+from ldm.models.diffusion.samplers import encoded_latents, sample, sample_img2img
 from ldm.pipeline.addons.base import AddOn, SampleCall
-from ldm.pipeline.addons.init_image import encode_image
+from ldm.pipeline.addons.init_image import check_samplers_start_from_image, encode_image
 from ldm.pipeline.decoding import to_uint8
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.metadata import ExtraField
-from ldm.pipeline.model_info import refuse_inpainting, refuse_upscaler
+from ldm.pipeline.model_info import refuse_special_models
 
 if TYPE_CHECKING:
     from ldm.pipeline.pipeline import Pipeline, Setup
@@ -83,14 +83,11 @@ class HiresFix(AddOn):
         return to_height, to_width, (to_height - resize_y) // f, (to_width - resize_x) // f
 
     def check_model_kind(self, config: Any, ckpt: str) -> None:
-        refuse_upscaler(config, ckpt)
-        refuse_inpainting(config, ckpt)
+        refuse_special_models(config, ckpt)
 
     def check(self, setup: Setup, requests: Sequence[Request]) -> None:
+        check_samplers_start_from_image(requests, "the hires fix's second pass")
         for request in requests:
-            if not resolves_img2img(request.sampler):
-                raise UsageError(f"the hires fix's second pass cannot use the {request.sampler} sampler: use ddim or "
-                                 f"a k-diffusion sampler such as euler_a or dpmpp_2m")
             height, width, _, _ = self.target(*request.size, 8)
             if height % 64 or width % 64 or max(height, width) > 16384:
                 raise UsageError(f"the hires fix makes {width}x{height} images from {request.width}x"

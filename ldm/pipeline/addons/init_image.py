@@ -23,7 +23,7 @@ from ldm.pipeline.decoding import first_stage_dtype
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.images import image_to_tensor, mask_to_tensor
 from ldm.pipeline.metadata import ExtraField
-from ldm.pipeline.model_info import is_inpainting_config, refuse_inpainting, refuse_upscaler
+from ldm.pipeline.model_info import is_inpainting_config, refuse_special_models, refuse_upscaler
 
 if TYPE_CHECKING:
     from ldm.pipeline.pipeline import Pipeline, Setup
@@ -33,6 +33,14 @@ if TYPE_CHECKING:
 def encode_image(model: Any, image: torch.Tensor) -> Any:
     """The autoencoder's posterior of one image [1, 3, H, W] in [-1, 1]."""
     return model.encode_first_stage(image.to(device=model.device, dtype=first_stage_dtype(model)))
+
+
+def check_samplers_start_from_image(requests: Sequence[Request], what: str, why: str = "") -> None:
+    """UsageError for a request whose sampler cannot start from an image (plms, dpm_solver)."""
+    for request in requests:
+        if not resolves_img2img(request.sampler):
+            raise UsageError(f"{what} cannot use the {request.sampler} sampler{why}: use ddim (the default) or a "
+                             f"k-diffusion sampler such as euler_a or dpmpp_2m")
 
 
 class InitImage(AddOn):
@@ -48,14 +56,10 @@ class InitImage(AddOn):
         self.posteriors: dict[tuple[int, int], Any] = {}  # (W, H) -> the encoded init image at that size
 
     def check_model_kind(self, config: Any, ckpt: str) -> None:
-        refuse_upscaler(config, ckpt)
-        refuse_inpainting(config, ckpt)
+        refuse_special_models(config, ckpt)
 
     def check(self, setup: Setup, requests: Sequence[Request]) -> None:
-        for request in requests:
-            if not resolves_img2img(request.sampler):
-                raise UsageError(f"img2img cannot use the {request.sampler} sampler (CompVis' img2img refuses plms "
-                                 f"too): use ddim (the default) or a k-diffusion sampler such as euler_a or dpmpp_2m")
+        check_samplers_start_from_image(requests, "img2img", " (CompVis' img2img refuses plms too)")
 
     def warm_up_steps(self) -> int:
         """Enough DDIM steps that int(strength * steps) is one: the warm-up runs the UNet once, as txt2img's does."""
