@@ -202,7 +202,7 @@ def test_cli_flag_reads_weights_records_them_and_metadata_from_reapplies_them(tx
     assert yaml.safe_load(sidecar.read_text())["prompt_weighting"] is True
     assert "prompt_weighting" not in yaml.safe_load((tmp_path / "plain/samples/00000.yaml").read_text())
     with Image.open(tmp_path / "weighted/samples/00000.png") as image:
-        assert image.info["parameters"].endswith("Prompt weighting: true")
+        assert "Prompt weighting: true" in image.info["parameters"].rsplit("\n", 1)[-1]
         weighted = torch.from_numpy(np.asarray(image).copy())
     with Image.open(tmp_path / "plain/samples/00000.png") as image:
         assert not torch.equal(weighted, torch.from_numpy(np.asarray(image).copy()))
