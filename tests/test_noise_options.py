@@ -3,6 +3,7 @@ resize-seed-from, each checked by what it must equal, and recorded with AUTOMATI
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from image_files import parameters, pixels, sidecar
@@ -99,3 +100,28 @@ def test_a_model_that_ignores_clip_skip_says_so(tiny_checkpoints, tmp_path, caps
              "--outdir", str(tmp_path / "out"), "--skip_grid"]
     assert main(flags) == 0
     assert "this model ignores clip skip, as AUTOMATIC1111 does for SD 2.x and SDXL" in capsys.readouterr().err
+
+
+def test_img2img_draws_its_encoding_noise_from_any_source(tiny_checkpoint, tiny_config):
+    """The nv source has no torch.Generator: the encoded image's sample comes from the image's own stream instead,
+    and for the cpu source that stream's numbers are the generator's (so both routes agree)."""
+    from PIL import Image
+
+    from ldm.models.diffusion.noise import ImageNoise
+    from ldm.models.diffusion.samplers import encoded_latents
+    from ldm.pipeline import InitImage
+    from ldm.pipeline.addons.init_image import encode_image
+    from ldm.pipeline.images import image_to_tensor
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    addon = InitImage(image, strength=0.5)
+    pipeline = Pipeline.from_checkpoint(str(tiny_checkpoint), str(tiny_config), precision="full", hash_files=False,
+                                        addons=[addon])
+    made = pipeline(Request("a cat", seed=3, steps=4, sampler="euler", height=32, width=32, rng="nv"))
+    assert made.pixels.shape == (1, 32, 32, 3)
+    posterior = encode_image(pipeline.model, image_to_tensor(image, 32, 32))
+    noise = ImageNoise([3, 4])
+    by_generator = encoded_latents(pipeline.model, posterior, noise)
+    draws = ImageNoise([3, 4]).stream_randn((2, *posterior.mean.shape[1:]))
+    by_stream = (pipeline.model.scale_factor * (posterior.mean + posterior.std * draws)).float()
+    assert torch.equal(by_generator, by_stream)

@@ -137,6 +137,14 @@ class ImageNoise:
                              "ImageNoise.randn")
         return [stream.generator for stream in self._streams]  # type: ignore[misc]
 
+    def stream_randn(self, shape: Sequence[int]) -> torch.Tensor:
+        """The next plain draw of each image's stream, [batch, ...] float32 (for draws made beside the starting
+        noise, such as sampling an encoded image, in any random source; it does not count as the starting noise)."""
+        if shape[0] != len(self._streams):
+            raise ValueError(f"noise for a batch of {shape[0]} requested from {len(self._streams)} seeds")
+        image_shape = tuple(int(size) for size in shape[1:])
+        return torch.stack([stream.randn(image_shape).cpu() for stream in self._streams])
+
     def brownian_seeds(self) -> list[int]:
         """The seeds AUTOMATIC1111 gives each image's Brownian tree (DPM++ SDE and the other SDE samplers): the
         image seeds themselves, without the eta noise seed delta; the trees draw with `seeded_randn`."""

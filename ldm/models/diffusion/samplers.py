@@ -233,8 +233,12 @@ def encoded_latents(model: Any, posterior: Any, noise: ImageNoise) -> torch.Tens
     img2img and inpainting pipelines draw the same with one generator per image, and the image then depends on its
     seed alone.
     """
-    return torch.cat([model.get_first_stage_encoding(posterior, generator=generator)
-                      for generator in noise.generators]).float()
+    if noise.rng == "cpu":
+        return torch.cat([model.get_first_stage_encoding(posterior, generator=generator)
+                          for generator in noise.generators]).float()
+    draws = noise.stream_randn((len(noise), *posterior.mean.shape[1:]))  # gpu / nv: the same stream's numbers
+    latents = posterior.mean + posterior.std * draws.to(device=posterior.mean.device, dtype=posterior.mean.dtype)
+    return (model.scale_factor * latents).float()
 
 
 def resolves_img2img(name: str) -> bool:
