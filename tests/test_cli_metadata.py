@@ -21,10 +21,10 @@ def test_parameters_text_has_the_widely_read_format():
     assert parameters_text(record()) == (
         "a cat, in a hat\nNegative prompt: blurry\n"
         "Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 1234, Size: 768x512, Model hash: abcdef1234, "
-        "Model: sd-v1-4, Eta: 0")
+        "Model: sd-v1-4, Eta DDIM: 0, Version: latent-diffusion")
     text = parameters_text(record(negative_prompt="", sampler="euler_a", vae="kl-f8.ckpt", eta=0.25, scale=5.0))
     assert text == ("a cat, in a hat\nSteps: 50, Sampler: Euler a, CFG scale: 5, Seed: 1234, Size: 768x512, "
-                    "Model hash: abcdef1234, Model: sd-v1-4, VAE: kl-f8.ckpt, Eta: 0.25")
+                    "Model hash: abcdef1234, Model: sd-v1-4, VAE: kl-f8.ckpt, Eta: 0.25, Version: latent-diffusion")
 
 
 @pytest.mark.parametrize("name, shown", [("dpmpp_2m_karras", "DPM++ 2M Karras"), ("plms", "PLMS"),

@@ -155,7 +155,8 @@ def test_cli_writes_images_with_their_init_image_and_strength(cli, model, tmp_pa
         parameters = saved.info["parameters"]
     init_hash = hashlib.sha256(init.read_bytes()).hexdigest()[:10]
     assert "Seed: 43, Size: 64x48" in parameters
-    assert parameters.endswith(f"Denoising strength: 0.5, Init image: sketch.png, Init image hash: {init_hash}")
+    assert parameters.endswith(f"Denoising strength: 0.5, Init image: sketch.png, Init image hash: {init_hash}, "
+                              "Version: latent-diffusion")
     sidecar = yaml.safe_load((samples / "00001.yaml").read_text(encoding="utf-8"))
     assert (sidecar["strength"], sidecar["init_image"], sidecar["init_image_hash"]) == (0.5, str(init), init_hash)
     assert (sidecar["scale"], sidecar["steps"], sidecar["sampler"]) == (5.0, 4, "ddim")  # CompVis img2img defaults

@@ -184,7 +184,7 @@ def test_cli_writes_the_library_images_with_init_image_and_mask_hashes(cli, mode
     digest = {name: hashlib.sha256(files[name].read_bytes()).hexdigest()[:10] for name in ("init", "big_mask")}
     assert "Sampler: Euler, CFG scale: 5, Seed: 43, Size: 64x64" in parameters
     assert parameters.endswith(f"Denoising strength: 1.0, Init image: photo.png, Init image hash: {digest['init']}, "
-                               f"Mask: big-mask.png, Mask hash: {digest['big_mask']}")
+                               f"Mask: big-mask.png, Mask hash: {digest['big_mask']}, Version: latent-diffusion")
     sidecar = yaml.safe_load((samples / "00001.yaml").read_text(encoding="utf-8"))
     assert (sidecar["mask"], sidecar["mask_hash"], sidecar["init_image_hash"]) == (
         str(files["big_mask"]), digest["big_mask"], digest["init"])

@@ -191,7 +191,8 @@ def test_cli_writes_4x_images_with_their_init_image_and_noise_level(cli, model, 
         parameters = saved.info["parameters"]
     init_hash = hashlib.sha256(init.read_bytes()).hexdigest()[:10]
     assert "CFG scale: 9, Seed: 43, Size: 64x48" in parameters
-    assert parameters.endswith(f"Noise level: 30, Init image: low.png, Init image hash: {init_hash}")
+    assert parameters.endswith(f"Noise level: 30, Init image: low.png, Init image hash: {init_hash}, "
+                               "Version: latent-diffusion")
     sidecar = yaml.safe_load((samples / "00001.yaml").read_text(encoding="utf-8"))
     assert (sidecar["noise_level"], sidecar["init_image"], sidecar["init_image_hash"]) == (30, str(init), init_hash)
 

@@ -12,7 +12,7 @@ from ldm.cli.outputs import can_create_file_in
 from ldm.cli.prompts import PromptFileError, PromptJob, job_from_mapping, read_prompt_file
 from ldm.loading import LoadError, load_config, resolve_config
 from ldm.pipeline.errors import UsageError
-from ldm.pipeline.metadata import read_metadata_file
+from ldm.pipeline.metadata import VERSION, read_metadata_file
 from ldm.pipeline.model_info import model_defaults
 from ldm.pipeline.request import (Request, a1111_sampler_and_schedule, check_image_settings, check_seed,
                                   resolve_sampler, sampler_eta)
@@ -116,7 +116,7 @@ def apply_recorded_options(opt: argparse.Namespace, record: dict[str, Any]) -> N
     ENSD, random source, variation seed, seed resize, hires fix (its denoising strength), schedule type; and
     AUTOMATIC1111's defaults for what its infotexts leave out (the GPU random source, emphasis on)."""
     given = getattr(opt, "given", set())
-    from_a1111 = "version" in record and "model" in record and not record.get("file")
+    from_a1111 = str(record.get("version") or VERSION) != VERSION and not record.get("file")
     if from_a1111:
         record.setdefault("rng", "gpu")  # AUTOMATIC1111's default source, which it does not write
         if "sampler" in record:  # AUTOMATIC1111's sigmas: "DPM++ 2M Karras" is DPM++ 2M with Karras

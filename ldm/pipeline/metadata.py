@@ -24,6 +24,7 @@ from ldm.models.diffusion.samplers import sampler_display_name
 from ldm.models.diffusion.schedule_types import a1111_sampler, infotext_schedule_type
 
 PARAMETERS_KEY = "parameters"
+VERSION = "latent-diffusion"  # the "Version" this tool writes (AUTOMATIC1111 writes "v1.10.0", Forge "f2.0.1...")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_SIDECAR_BYTES = 16 << 20  # a sidecar of one image is a few hundred bytes
 NEGATIVE_PREFIX = "Negative prompt: "
@@ -161,6 +162,10 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
 
 
+def squeezed(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
 def parameters_text(record: ImageRecord) -> str:
     """The "parameters" text of `record`."""
     lines = [record.prompt]
@@ -178,11 +183,12 @@ def parameters_text(record: ImageRecord) -> str:
         pairs.append(("Lora", record.lora))
     if record.embeddings:
         pairs.append(("TI hashes", record.embeddings))
-    if record.eta is not None:
-        pairs.append(("Eta", _number(record.eta)))
+    if record.eta is not None:  # AUTOMATIC1111 calls DDIM's eta "Eta DDIM"
+        pairs.append(("Eta DDIM" if squeezed(record.sampler) == "ddim" else "Eta", _number(record.eta)))
     if record.prompt_weighting:
-        pairs.append(("Prompt weighting", "true"))
+        pairs += [("Prompt weighting", "true"), ("Emphasis", "Original")]
     pairs.extend(record.extra_parameters())
+    pairs.append(("Version", VERSION))
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in pairs))
     return "\n".join(lines)
 
@@ -242,6 +248,8 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
             if not (width.isdigit() and height.isdigit()):
                 raise ValueError(f"{key} {pairs[key]!r} is not WIDTHxHEIGHT")
             result[names[0]], result[names[1]] = int(width), int(height)
+    if result.get("version") == VERSION:
+        del result["version"]  # this tool's own text: nothing to keep
     if "Eta DDIM" in pairs and str(result.get("sampler", "")).upper().startswith("DDIM"):
         result["eta"] = result.pop("eta_ddim")
     ignored = [key for key in pairs if key not in converters and key not in SIZE_FIELDS and key not in KNOWN_UNUSED]
