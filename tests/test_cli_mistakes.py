@@ -188,11 +188,11 @@ MISTAKES = [
     # --metadata_from
     ("t", ["--metadata_from", "{empty.txt}.missing.yaml"], "missing.yaml: No such file or directory"),
     ("t", ["--metadata_from", "{empty.yaml}"], "is not an image sidecar"),
-    ("t", ["--metadata_from", "{photo}"], "photo.jpg is neither a .yaml sidecar nor a PNG"),
+    ("t", ["--metadata_from", "{photo}"], "photo.jpg holds no parameters text in its EXIF UserComment"),
     ("t", ["--metadata_from", "{rgb}"], "rgb.png has no \"parameters\" text chunk"),
     ("t", ["--metadata_from", "{list.yaml}"], "list.yaml is not an image sidecar"),
     ("t", ["--metadata_from", "{garbled.yaml}"], "garbled.yaml is not valid yaml"),
-    ("t", ["--metadata_from", "{binary.yaml}"], "is neither a .yaml sidecar nor a PNG"),
+    ("t", ["--metadata_from", "{binary.yaml}"], "is neither a .yaml sidecar, a parameters text, nor a PNG"),
     ("t", ["--metadata_from", "{seed_abc.yaml}"], "seed_abc.yaml: seed must be an integer, got 'abc'"),
     ("t", ["--metadata_from", "{scale_huge.yaml}"], "scale 1e+06 is too large"),  # a recorded value no flag overrides
     ("t", ["--from-file", "{h_negative.yaml}"], "H -5 is not a positive multiple of 8"),

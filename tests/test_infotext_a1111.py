@@ -88,3 +88,19 @@ def test_a_text_file_holding_the_infotext_works_as_the_png(setup, tmp_path, caps
     assert run(base + ["--metadata_from", tmp_path / "copied.txt", "--outdir", tmp_path / "txt"], capsys)[0] == 0
     assert np.array_equal(pixels(tmp_path / "png" / "samples" / "00000.png"),
                           pixels(tmp_path / "txt" / "samples" / "00000.png"))
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".webp"])
+def test_an_infotext_in_a_jpeg_or_webp_exif_comment_is_read(setup, tmp_path, capsys, suffix):
+    """AUTOMATIC1111 saves JPEG and WebP images with the text in EXIF UserComment ("UNICODE" + UTF-16 big-endian)."""
+    from PIL import Image
+
+    base, image = setup
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + INFOTEXT.encode("utf-16-be")
+    Image.new("RGB", (32, 32)).save(tmp_path / f"shared{suffix}", exif=exif.tobytes())
+    assert run(base + ["--metadata_from", image, "--outdir", tmp_path / "png"], capsys)[0] == 0
+    status, err = run(base + ["--metadata_from", tmp_path / f"shared{suffix}", "--outdir", tmp_path / "exif"], capsys)
+    assert status == 0, err
+    assert np.array_equal(pixels(tmp_path / "png" / "samples" / "00000.png"),
+                          pixels(tmp_path / "exif" / "samples" / "00000.png"))

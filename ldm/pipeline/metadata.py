@@ -26,6 +26,8 @@ from ldm.models.diffusion.schedule_types import a1111_sampler, infotext_schedule
 PARAMETERS_KEY = "parameters"
 VERSION = "latent-diffusion"  # the "Version" this tool writes (AUTOMATIC1111 writes "v1.10.0", Forge "f2.0.1...")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # EXIF tags: the Exif sub-IFD, its UserComment
 MAX_SIDECAR_BYTES = 16 << 20  # a sidecar of one image is a few hundred bytes
 NEGATIVE_PREFIX = "Negative prompt: "
 
@@ -274,6 +276,24 @@ def read_png_parameters(path: str) -> str | None:
         return image.info.get(PARAMETERS_KEY)
 
 
+def read_exif_parameters(path: str) -> str | None:
+    """The "parameters" text AUTOMATIC1111 stores in a JPEG's or WebP's EXIF UserComment (piexif's layout: an 8-byte
+    character-code header, then UTF-16 big-endian for "UNICODE", ASCII otherwise); None without one."""
+    try:
+        with Image.open(path) as image:
+            comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read {path}: {str(error).split(', could be')[0]}") from None
+    if isinstance(comment, str):
+        return comment or None
+    if not isinstance(comment, bytes) or len(comment) <= 8:
+        return None
+    code, body = comment[:8], comment[8:]
+    if code.startswith(b"UNICODE"):
+        return body.decode("utf-16-be" if not body.startswith(b"\xff\xfe") else "utf-16", errors="replace")
+    return body.decode("utf-8", errors="replace").rstrip("\0")
+
+
 def sidecar_text(data: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True, width=10**6)
 
@@ -301,6 +321,15 @@ def read_metadata_file(path: str) -> dict[str, Any]:
     elif path.lower().endswith(".png"):
         raise ValueError(f"{path} is not a PNG image (its first bytes are not a PNG's): pass a PNG this tool saved, "
                          f"or its .yaml sidecar")
+    elif data.startswith(JPEG_SIGNATURE) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        text = read_exif_parameters(path)
+        if text is None:
+            raise ValueError(f"{path} holds no parameters text in its EXIF UserComment (AUTOMATIC1111 writes one "
+                             f"there in JPEG and WebP images)")
+        try:
+            record = parse_parameters_text(text)
+        except ValueError as error:
+            raise ValueError(f"{path}: its parameters text cannot be read: {error}") from None
     elif looks_like_infotext(data):  # a text file holding a "parameters" text (copied from a web page)
         try:
             record = parse_parameters_text(data.decode("utf-8-sig").strip())
@@ -310,8 +339,8 @@ def read_metadata_file(path: str) -> dict[str, Any]:
         try:
             record = yaml.safe_load(data.decode("utf-8-sig"))
         except UnicodeDecodeError:
-            raise ValueError(f"{path} is neither a .yaml sidecar nor a PNG with a \"parameters\" text chunk (the "
-                             f"metadata of JPEG or WebP images is not read): pass the image's .yaml sidecar") from None
+            raise ValueError(f"{path} is neither a .yaml sidecar, a parameters text, nor a PNG, JPEG or WebP image "
+                             f"holding one: pass the image itself or its .yaml sidecar") from None
         except yaml.YAMLError as error:
             raise ValueError(f"{path} is not valid yaml: {str(error).splitlines()[0]}") from None
         if not isinstance(record, dict) or "prompt" not in record:
