@@ -6,6 +6,8 @@ model is built with its parameters on the meta device and the checkpoint's tenso
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import re
 import time
@@ -24,6 +26,11 @@ CONFIGS = {"v1": "v1-inference.yaml", "v2": "v2-inference.yaml", "v2-v": "v2-inf
            "xl-base": "sd_xl_base.yaml", "xl-refiner": "sd_xl_refiner.yaml",
            "v1-inpainting": "v1-inpainting-inference.yaml", "v2-inpainting": "v2-inpainting-inference.yaml",
            "x4-upscaler": "x4-upscaling.yaml"}
+# Released SDXL-layout architectures, tried in turn: the first whose model has exactly the checkpoint's keys and shapes
+# is the checkpoint's config. Other SDXL-layout files (fine-tunes of other widths, other distillations) get the first
+# one with the structure and every width read from their keys (`sdxl_params_from_shapes`).
+SDXL_CONFIGS = {"xl-base": ("sd_xl_base.yaml", "ssd-1b.yaml", "segmind-vega.yaml"),
+                "xl-refiner": ("sd_xl_refiner.yaml",)}
 ADVICE = {
     "v1": "this is an SD 1.x checkpoint: use configs/stable-diffusion/v1-inference.yaml",
     "v2": "this is an SD 2.x checkpoint: use configs/stable-diffusion/v2-inference.yaml "
@@ -46,6 +53,9 @@ LOW_SCALE = "low_scale_model."  # the x4 upscaler's noise augmentation: schedule
 HARMLESS_KEYS = re.compile(
     # older transformers' buffer, in SD 1.x and SDXL text encoders
     r"^((cond_stage_model|conditioner\.embedders\.\d+)\.transformer\.text_model\.embeddings\.position_ids"
+    # the same buffer of SDXL's OpenCLIP encoder in files written by diffusers' conversion script (Segmind's 2023
+    # SSD-1B and Vega files among them)
+    r"|conditioner\.embedders\.\d+\.model\.(text_model\.)?embeddings\.position_ids"
     r"|denoiser\.sigmas"  # SDXL's noise levels, recomputed from the config
     r"|model_ema\..*"  # EMA shadow weights when EMA is not asked for
     r"|first_stage_model\.loss\..*|loss\..*"  # the autoencoder's training loss (LPIPS, discriminator)
@@ -118,6 +128,178 @@ def _sdxl_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
                     "--config")
 
 
+OPEN_CLIP = re.compile(r"^(conditioner\.embedders\.\d+\.model\.)(text_projection\.weight|text_projection)$")
+INITIAL_LOGIT_SCALE = math.log(1 / 0.07)  # OpenCLIP's initial temperature
+
+
+def normalise_text_layout(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """SDXL files written by diffusers' conversion script (Segmind's SSD-1B and Vega, many fine-tunes), in the layout
+    generative-models writes. Their OpenCLIP `text_projection.weight` is a linear layer's weight [embed_dim, width]:
+    it becomes OpenCLIP's `text_projection` [width, embed_dim]. Their missing `logit_scale` (the temperature of
+    contrastive training, which inference does not use) is OpenCLIP's initial value. Values are tensors or shapes."""
+    prefixes = {match.group(1): match.group(2) for match in map(OPEN_CLIP.match, state_dict) if match}
+    if not prefixes:
+        return dict(state_dict)
+    normalised = dict(state_dict)
+    for prefix, name in prefixes.items():
+        if name == "text_projection.weight" and prefix + "text_projection" not in normalised:
+            value = normalised.pop(prefix + name)
+            normalised[prefix + "text_projection"] = (tuple(reversed(value)) if isinstance(value, tuple)
+                                                      else value.t().contiguous())
+        if prefix + "logit_scale" not in normalised:
+            reference = normalised[prefix + "text_projection"]
+            normalised[prefix + "logit_scale"] = (() if isinstance(reference, tuple) else torch.tensor(
+                INITIAL_LOGIT_SCALE, dtype=reference.dtype, device=reference.device))
+    return normalised
+
+
+class DerivedConfig(type(Path())):
+    """A released config file and values read from a checkpoint's keys that replace its own (`overrides`: dotted
+    paths as `OmegaConf.update` takes them); `load_config` applies them. It names the file it starts from."""
+
+    overrides: dict[str, Any]
+
+
+def derived_config(path: Path, overrides: Mapping[str, Any]) -> DerivedConfig:
+    """`path` with `overrides` (see `DerivedConfig`)."""
+    derived = DerivedConfig(path)
+    derived.overrides = dict(overrides)
+    return derived
+
+
+def _numbered(shapes: Mapping[str, Any], prefix: str) -> int:
+    """How many numbered children `prefix<N>.` the keys have (one more than the highest N; 0 for none)."""
+    numbers = {int(head) for head in (key[len(prefix):].split(".", 1)[0] for key in shapes if key.startswith(prefix))
+               if head.isdigit()}
+    return max(numbers) + 1 if numbers else 0
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise LoadError(f"cannot read the model's structure from the checkpoint: it has no {key}; pass its --config")
+    return tuple(shapes[key])
+
+
+def unet_params_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The UNet's structure and widths, read from its `model.diffusion_model.*` keys, as keyword arguments of
+    `UNetModel`: levels, widths, res blocks per level, the transformer depth of every block (0 where a block has
+    no attention, as SSD-1B and Segmind Vega remove some), the middle block's (0: a single res block), the context
+    and vector widths. Head widths cannot be read from weights and are left to the config."""
+    first = _shape(shapes, UNET + "input_blocks.0.0.weight")
+    model_channels = first[0]
+    channel_mult, num_res_blocks, input_depths = [], [0], []
+    for index in range(1, _numbered(shapes, UNET + "input_blocks.")):
+        block = f"{UNET}input_blocks.{index}."
+        if block + "0.op.weight" in shapes:  # a downsampling step ends the level
+            num_res_blocks.append(0)
+            continue
+        width = _shape(shapes, block + "0.out_layers.3.weight")[0]
+        if num_res_blocks[-1] == 0:
+            if width % model_channels:
+                raise LoadError(f"the UNet's width {width} at level {len(channel_mult)} is not a multiple of its "
+                                f"first width {model_channels}: pass its --config")
+            channel_mult.append(width // model_channels)
+        num_res_blocks[-1] += 1
+        input_depths.append(_numbered(shapes, block + "1.transformer_blocks."))
+    output_depths = [_numbered(shapes, f"{UNET}output_blocks.{index}.1.transformer_blocks.")
+                     for index in range(_numbered(shapes, UNET + "output_blocks."))]
+    if 0 in num_res_blocks or len(output_depths) != sum(blocks + 1 for blocks in num_res_blocks):
+        raise LoadError(f"the UNet's blocks ({len(input_depths)} input res blocks over levels {num_res_blocks}, "
+                        f"{len(output_depths)} output blocks) are not a UNet this package builds: pass its --config")
+    starts = [sum(num_res_blocks[:level]) for level in range(len(num_res_blocks))]
+    params: dict[str, Any] = dict(
+        in_channels=first[1], out_channels=_shape(shapes, UNET + "out.2.weight")[0], model_channels=model_channels,
+        channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+        transformer_depth=[max(input_depths[start:start + blocks]) for start, blocks in zip(starts, num_res_blocks)],
+        transformer_depth_input=input_depths, transformer_depth_output=output_depths,
+        transformer_depth_middle=_numbered(shapes, UNET + "middle_block.1.transformer_blocks."))
+    cross = sorted(key for key in shapes if key.startswith(UNET) and key.endswith(".attn2.to_k.weight"))
+    if cross:
+        params["context_dim"] = shapes[cross[0]][1]
+        params["use_linear_in_transformer"] = len(shapes[cross[0].replace(
+            "transformer_blocks.0.attn2.to_k.weight", "proj_in.weight")]) == 2
+    if UNET + "label_emb.0.0.weight" in shapes:
+        params["adm_in_channels"] = shapes[UNET + "label_emb.0.0.weight"][1]
+    return params
+
+
+# The size (and score) embedders of SDXL's conditioner: their indices and how many numbers they embed in all.
+SIZE_EMBEDDERS = {"xl-base": ((2, 3, 4), 6), "xl-refiner": ((1, 2, 3), 5)}
+HEAD_WIDTH = 64  # CLIP ViT-L, OpenCLIP ViT-H and bigG all use 64-wide attention heads
+
+
+def sdxl_params_from_shapes(shapes: Mapping[str, tuple[int, ...]], family: str) -> dict[str, Any]:
+    """Overrides of an SDXL config (dotted paths under `model.params`) that give it the checkpoint's UNet structure
+    and every width: the UNet's (`unet_params_from_shapes`), the text encoders' (width, layers, vocabulary,
+    projection; heads of 64 channels, the hidden layer before the last) and the autoencoder's."""
+    root = "model.params."
+    overrides = {f"{root}network_config.params.{name}": value
+                 for name, value in unet_params_from_shapes(shapes).items()}
+    pooled = 0
+    for index in range(_numbered(shapes, XL_TEXT)):
+        params = f"{root}conditioner_config.params.emb_models.{index}.params."
+        clip = f"{XL_TEXT}{index}.transformer.text_model."
+        open_clip = f"{XL_TEXT}{index}.model."
+        if clip + "embeddings.token_embedding.weight" in shapes:
+            vocab_size, width = _shape(shapes, clip + "embeddings.token_embedding.weight")
+            layers = _numbered(shapes, clip + "encoder.layers.")
+            overrides.update({params + "vocab_size": vocab_size, params + "width": width,
+                              params + "layers": layers, params + "heads": max(1, width // HEAD_WIDTH),
+                              params + "layer_idx": layers - 1})
+        elif open_clip + "token_embedding.weight" in shapes:
+            vocab_size, width = _shape(shapes, open_clip + "token_embedding.weight")
+            embed_dim = _shape(shapes, open_clip + "text_projection")[1]
+            pooled += embed_dim
+            overrides.update({params + "vocab_size": vocab_size, params + "width": width,
+                              params + "layers": _numbered(shapes, open_clip + "transformer.resblocks."),
+                              params + "heads": max(1, width // HEAD_WIDTH), params + "embed_dim": embed_dim})
+    indices, numbers = SIZE_EMBEDDERS[family]
+    adm_in_channels = overrides.get(f"{root}network_config.params.adm_in_channels")
+    if adm_in_channels is not None and pooled and (adm_in_channels - pooled) % numbers == 0:
+        for index in indices:
+            overrides[f"{root}conditioner_config.params.emb_models.{index}.params.outdim"] = \
+                (adm_in_channels - pooled) // numbers
+    if VAE + "encoder.conv_in.weight" in shapes:
+        ch = _shape(shapes, VAE + "encoder.conv_in.weight")[0]
+        levels = _numbered(shapes, VAE + "encoder.down.")
+        ddconfig = f"{root}first_stage_config.params.ddconfig."
+        overrides.update({
+            ddconfig + "ch": ch,
+            ddconfig + "ch_mult": [_shape(shapes, f"{VAE}encoder.down.{level}.block.0.conv2.weight")[0] // ch
+                                   for level in range(levels)],
+            ddconfig + "num_res_blocks": _numbered(shapes, VAE + "encoder.down.0.block."),
+            ddconfig + "z_channels": _shape(shapes, VAE + "decoder.conv_in.weight")[1],
+            f"{root}first_stage_config.params.embed_dim": _shape(shapes, VAE + "post_quant_conv.weight")[1]})
+    return overrides
+
+
+def _loadable_shapes(shapes: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes a model and a checkpoint must agree on: without harmless keys and schedule buffers."""
+    return {key: tuple(shape) for key, shape in shapes.items() if not HARMLESS_KEYS.match(key)
+            and not is_schedule_key(key)}
+
+
+@functools.lru_cache(maxsize=None)
+def _released_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    model = instantiate_on_meta(load_config(CONFIG_DIR / name).model)
+    return _loadable_shapes({key: tuple(value.shape) for key, value in model.state_dict().items()})
+
+
+def sdxl_config(family: str, shapes: Mapping[str, tuple[int, ...]]) -> Path:
+    """The released config (`SDXL_CONFIGS`) whose model has exactly the checkpoint's keys and shapes; otherwise the
+    family's first, with the structure and widths read from the keys (`sdxl_params_from_shapes`)."""
+    shapes = normalise_text_layout(shapes)
+    wanted = _loadable_shapes(shapes)
+    names = SDXL_CONFIGS[family]
+    for name in names:
+        if (CONFIG_DIR / name).is_file() and _released_shapes(name) == wanted:
+            return CONFIG_DIR / name
+    base = CONFIG_DIR / names[0]
+    if not base.is_file():
+        raise LoadError(f"the released config {base} is missing: pass --config")
+    return derived_config(base, sdxl_params_from_shapes(shapes, family))
+
+
 def looks_like_v_prediction(ckpt_path: str | os.PathLike) -> bool:
     """SD 2.x 768 models predict v; the released files say "768" in their names (768-v-ema, v2-1_768-ema-pruned)."""
     return "768" in Path(ckpt_path).name
@@ -126,9 +308,9 @@ def looks_like_v_prediction(ckpt_path: str | os.PathLike) -> bool:
 def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = None,
                    v_prediction: bool | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Path:
     """The config to use: the given one, else `<checkpoint name>.yaml` beside the file, else the released config that
-    fits the checkpoint's keys."""
+    fits the checkpoint's keys (for SDXL-layout files, one read from the keys when none fits: see `sdxl_config`)."""
     if config is not None:
-        path = Path(config)
+        path = config if isinstance(config, Path) else Path(config)
         if not path.is_file():
             raise LoadError(f"config {config} does not exist (released configs are in {CONFIG_DIR})")
         return path
@@ -136,9 +318,12 @@ def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = N
     if beside.is_file():  # a config next to the checkpoint, under its name, is the checkpoint's own (as in other tools)
         return beside
     try:
-        family = detect_family(shapes if shapes is not None else read_shapes(ckpt))
+        shapes = shapes if shapes is not None else read_shapes(ckpt)
+        family = detect_family(shapes)
     except CheckpointError as error:
         raise LoadError(str(error)) from None
+    if family in SDXL_CONFIGS:
+        return sdxl_config(family, shapes)
     if family == "v2" and (v_prediction if v_prediction is not None else looks_like_v_prediction(ckpt)):
         family = "v2-v"
     path = CONFIG_DIR / CONFIGS[family]
@@ -159,6 +344,8 @@ def load_config(path: str | os.PathLike, trusted: bool = False) -> Any:
     if where is not None:
         raise LoadError(f"config {path} uses an OmegaConf interpolation (${{...}}) at {where}, which released configs "
                         f"do not: write the value itself, or pass --trust_config if you trust the file")
+    for key, value in getattr(path, "overrides", {}).items():  # a DerivedConfig: values read from a checkpoint
+        OmegaConf.update(config, key, value, merge=False)
     model = config.get("model") if isinstance(config, DictConfig) else None
     if not isinstance(model, DictConfig) or "target" not in model:
         raise LoadError(f"config {path} has no model.target: expected a latent diffusion yaml like {CONFIGS['v1']}")
@@ -400,6 +587,7 @@ def _prepare(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None
         state_dict = read_weights(ckpt, shapes_only)
     except CheckpointError as error:
         raise LoadError(str(error)) from None
+    state_dict = normalise_text_layout(state_dict)
     if isinstance(config, Mapping) or hasattr(config, "keys"):
         config_name, model_config = "the given config", config["model"]
     else:

@@ -246,6 +246,47 @@ def per_level(value: Union[int, Sequence[int]], levels: int, name: str) -> list[
     return values
 
 
+def block_transformer_depths(
+    num_res_blocks: Sequence[int], attention_resolutions: Sequence[int], transformer_depth: Sequence[int],
+    transformer_depth_middle: int, num_attention_blocks: Sequence[int] | None = None,
+    transformer_depth_input: Sequence[int] | None = None, transformer_depth_output: Sequence[int] | None = None,
+) -> tuple[list[int], int, list[int]]:
+    """(depth of each input res block's transformer, the middle block's, each output block's), 0 where a block has
+    no attention, in the order of `input_blocks` (res blocks only) and `output_blocks`.
+
+    By default a level's depth goes to every block at a resolution in `attention_resolutions` (and, with
+    `num_attention_blocks`, only to that many blocks of the level), as in CompVis and generative-models.
+    `transformer_depth_input` / `transformer_depth_output` give every block its own depth instead, as distilled
+    SDXL UNets (SSD-1B, Segmind Vega) need; diffusers calls them `transformer_layers_per_block` (per block) and
+    `reverse_transformer_layers_per_block`.
+    """
+    levels = len(num_res_blocks)
+    inputs, outputs = [], []
+    for level in range(levels):
+        for block in range(num_res_blocks[level]):
+            attends = 2 ** level in attention_resolutions and (
+                num_attention_blocks is None or block < num_attention_blocks[level])
+            inputs.append(transformer_depth[level] if attends else 0)
+    for level in reversed(range(levels)):
+        for block in range(num_res_blocks[level] + 1):
+            attends = 2 ** level in attention_resolutions and (
+                num_attention_blocks is None or block < num_attention_blocks[level])
+            outputs.append(transformer_depth[level] if attends else 0)
+    for name, given, default in (("transformer_depth_input", transformer_depth_input, inputs),
+                                 ("transformer_depth_output", transformer_depth_output, outputs)):
+        if given is None:
+            continue
+        given = list(given)
+        if len(given) != len(default) or any(not isinstance(depth, int) or depth < 0 for depth in given):
+            raise ValueError(f"{name}={given} needs {len(default)} depths (whole numbers, 0 for no attention): one "
+                             f"per {'res block of input_blocks' if name.endswith('input') else 'output block'}")
+        default[:] = given
+    if not isinstance(transformer_depth_middle, int) or transformer_depth_middle < 0:
+        raise ValueError(f"transformer_depth_middle={transformer_depth_middle!r} must be a whole number (0: the "
+                         "middle block is a single res block, as in SSD-1B and Segmind Vega)")
+    return inputs, transformer_depth_middle, outputs
+
+
 class UNetModel(nn.Module):
     """The diffusion UNet with timestep embedding, residual blocks and (cross-)attention.
 
@@ -283,6 +324,8 @@ class UNetModel(nn.Module):
         use_linear_in_transformer: bool = False,
         adm_in_channels: int | None = None,
         transformer_depth_middle: int | None = None,
+        transformer_depth_input: Sequence[int] | None = None,
+        transformer_depth_output: Sequence[int] | None = None,
     ):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
@@ -310,6 +353,13 @@ class UNetModel(nn.Module):
         ):
             raise ValueError(f"num_attention_blocks={list(num_attention_blocks)} needs one entry per level, "
                              f"each at most that level's num_res_blocks {self.num_res_blocks}")
+        if not use_spatial_transformer and (transformer_depth_input is not None
+                                            or transformer_depth_output is not None or transformer_depth_middle == 0):
+            raise ValueError("per-block transformer depths and a middle block without attention need "
+                             "use_spatial_transformer=True")
+        input_depths, transformer_depth_middle, output_depths = block_transformer_depths(
+            self.num_res_blocks, attention_resolutions, transformer_depth, transformer_depth_middle,
+            num_attention_blocks, transformer_depth_input, transformer_depth_output)
 
         self.image_size = image_size
         self.in_channels = in_channels
@@ -331,7 +381,7 @@ class UNetModel(nn.Module):
         if num_classes is not None:
             self.label_emb = self._label_embedding(num_classes, adm_in_channels, time_embed_dim)
 
-        def attention_layer(ch: int, level: int, heads_for_block: int) -> nn.Module:
+        def attention_layer(ch: int, level: int, heads_for_block: int, depth: int) -> nn.Module:
             heads, dim_head = attention_heads(
                 ch, num_heads, num_head_channels, legacy, use_spatial_transformer
             )
@@ -339,12 +389,9 @@ class UNetModel(nn.Module):
                 return AttentionBlock(ch, heads_for_block, dim_head, use_new_attention_order)
             disable_sa = bool(disable_self_attentions[level]) if disable_self_attentions is not None else False
             return SpatialTransformer(
-                ch, heads, dim_head, depth=transformer_depth[level], context_dim=context_dim,
+                ch, heads, dim_head, depth=depth, context_dim=context_dim,
                 disable_self_attn=disable_sa, use_linear=use_linear_in_transformer,
             )
-
-        def has_attention(ds: int, level: int, block: int) -> bool:
-            return ds in attention_resolutions and (num_attention_blocks is None or block < num_attention_blocks[level])
 
         def res_block(ch: int, out_ch: int | None = None, **kwargs) -> ResBlock:
             return ResBlock(ch, time_embed_dim, dropout, out_channels=out_ch, dims=dims,
@@ -355,13 +402,13 @@ class UNetModel(nn.Module):
         )
         input_block_channels = [model_channels]
         ch = model_channels
-        ds = 1
         for level, mult in enumerate(channel_mult):
-            for block in range(self.num_res_blocks[level]):
+            for _ in range(self.num_res_blocks[level]):
                 layers = [res_block(ch, mult * model_channels)]
                 ch = mult * model_channels
-                if has_attention(ds, level, block):
-                    layers.append(attention_layer(ch, level, num_heads))
+                depth = input_depths.pop(0)
+                if depth:
+                    layers.append(attention_layer(ch, level, num_heads, depth))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_channels.append(ch)
             if level != levels - 1:
@@ -370,19 +417,20 @@ class UNetModel(nn.Module):
                 )
                 self.input_blocks.append(TimestepEmbedSequential(downsample))
                 input_block_channels.append(ch)
-                ds *= 2
         # The width of each input block's output, which a ControlNet copies to size its zero convolutions.
         self.input_block_channels = tuple(input_block_channels)
 
         heads, dim_head = attention_heads(ch, num_heads, num_head_channels, legacy, use_spatial_transformer)
-        if use_spatial_transformer:
-            middle_attention: nn.Module = SpatialTransformer(
+        if not use_spatial_transformer:
+            middle = [res_block(ch), AttentionBlock(ch, heads, dim_head, use_new_attention_order), res_block(ch)]
+        elif transformer_depth_middle:
+            middle = [res_block(ch), SpatialTransformer(
                 ch, heads, dim_head, depth=transformer_depth_middle, context_dim=context_dim,
                 disable_self_attn=disable_middle_self_attn, use_linear=use_linear_in_transformer,
-            )
-        else:
-            middle_attention = AttentionBlock(ch, heads, dim_head, use_new_attention_order)
-        self.middle_block = TimestepEmbedSequential(res_block(ch), middle_attention, res_block(ch))
+            ), res_block(ch)]
+        else:  # SSD-1B and Segmind Vega: one res block (diffusers' UNetMidBlock2D with no attention)
+            middle = [res_block(ch)]
+        self.middle_block = TimestepEmbedSequential(*middle)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -390,13 +438,13 @@ class UNetModel(nn.Module):
                 skip_ch = input_block_channels.pop()
                 layers = [res_block(ch + skip_ch, model_channels * mult)]
                 ch = model_channels * mult
-                if has_attention(ds, level, block):
-                    layers.append(attention_layer(ch, level, num_heads_upsample))
+                depth = output_depths.pop(0)
+                if depth:
+                    layers.append(attention_layer(ch, level, num_heads_upsample, depth))
                 if level and block == self.num_res_blocks[level]:
                     layers.append(res_block(ch, ch, up=True) if resblock_updown else Upsample(
                         ch, conv_resample, dims=dims, out_channels=ch
                     ))
-                    ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
