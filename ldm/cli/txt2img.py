@@ -30,7 +30,7 @@ from ldm.pipeline.addons.hires import HiresFix
 from ldm.pipeline.addons.refiner import DEFAULT_SWITCH
 from ldm.pipeline.extra_networks import lora_present, lora_tags
 from ldm.pipeline.errors import GenerationError, UsageError
-from ldm.pipeline.metadata import check_made_by
+from ldm.pipeline.metadata import check_made_by, named_hashes
 from ldm.pipeline.model_info import check_latent_flags
 
 PROG = "txt2img.py"
@@ -167,8 +167,7 @@ class Shell:
             opt.rng = "nv"
             self.note(f"{opt.metadata_from} was made with CUDA's random numbers (RNG: GPU): there is no CUDA here, "
                       f"so they are emulated (--rng nv), which gives the same noise")
-        hashes = dict(part.strip().rpartition(": ")[::2] for part in str(recorded.get("lora_hashes", "")).split(",")
-                      if ": " in part)
+        hashes = named_hashes(recorded.get("lora_hashes"))
         missing = [tag.name for job in self.plan.images[:1] for tag in lora_tags(job.prompt)
                    if not lora_present(tag.name, opt.lora_dir)]
         if missing:
@@ -189,7 +188,7 @@ class Shell:
                       f"{self.loras.text or 'none'}: the image will differ")
         missing = self.embeddings.missing(recorded.get("embeddings"))
         if missing:
-            hashes = dict(part.strip().rpartition(": ")[::2] for part in str(recorded.get("embeddings")).split(","))
+            hashes = named_hashes(recorded.get("embeddings"))
             named = ", ".join(f"{name} (hash {hashes.get(name, 'not recorded')})" for name in missing)
             self.note(f"{opt.metadata_from} was made with the embeddings {named}, which this run does not load "
                       f"(--embeddings): the image will differ")

@@ -348,6 +348,12 @@ def read_metadata_file(path: str) -> dict[str, Any]:
     return {**record, **checked_info(record, path)}
 
 
+def named_hashes(text: str | None) -> dict[str, str]:
+    """{name: hash} of a recorded "name: hash, name: hash" text ("Lora hashes", "TI hashes")."""
+    pairs = (part.strip().rpartition(":") for part in (text or "").split(",") if part.strip())
+    return {name.strip(): value.strip() for name, _, value in pairs if name.strip()}
+
+
 def looks_like_infotext(data: bytes) -> bool:
     """Whether `data` is a "parameters" text: UTF-8 whose last line holds Steps, Sampler and Seed pairs."""
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -140,6 +141,7 @@ class Pipeline:
         self.sampling_addon = _sampling_addon(self.addons)
         self.note, self.info = setup.note, setup.info
         self.defaults = model_defaults(setup.config, setup.ckpt)
+        self.default_size = _default_size(setup)  # (height, width) of a request that gives none
         self.model_name = Path(setup.ckpt).stem
         self.stage = "sampling"  # or "decoding": what ran out of memory, for the advice
         self.applied: list[str] = []  # the fast paths applied
@@ -247,7 +249,7 @@ class Pipeline:
     def complete(self, request: Request) -> Request:
         """`request` with the default size where it gives none (the sampling add-on's, else the model's own),
         checked against the model."""
-        request = _with_size(request, _default_size(self.setup))
+        request = _with_size(request, self.default_size)
         check_against_model([request], self.setup.config)
         loras = [addon for addon in self.addons if isinstance(addon, Loras)]
         if loras:
@@ -330,12 +332,16 @@ class Pipeline:
                          sigmas=self.sigmas(request, call.sampler, call.steps))
         return latents, call.steps
 
+    @cached_property
+    def schedule(self) -> NoiseSchedule:
+        """The model's noise schedule, which AUTOMATIC1111's schedule types read their sigma range from."""
+        return NoiseSchedule(self.model.alphas_cumprod)
+
     def sigmas(self, request: Request, sampler: str, steps: int) -> torch.Tensor | None:
         """AUTOMATIC1111's sigmas for the request's schedule type (None: the sampler's own schedule)."""
         if request.scheduler is None or sampler != request.sampler:  # a warm-up's DDIM has none
             return None
-        schedule = NoiseSchedule(self.model.alphas_cumprod)
-        return a1111_sigmas(sampler_display_name(sampler), steps, schedule, request.scheduler).to(self.device)
+        return a1111_sigmas(sampler_display_name(sampler), steps, self.schedule, request.scheduler).to(self.device)
 
     def noise(self, request: Request, seeds: Sequence[int] | None = None) -> ImageNoise:
         """The per-image noise of `request` (of `seeds` alone, without the request's variation, when given)."""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from ldm.checkpoints import embedding_hash
 from ldm.pipeline.addons.base import AddOn
 from ldm.pipeline.errors import UsageError
+from ldm.pipeline.metadata import named_hashes
 from ldm.textual_inversion import (EmbeddingError, check_textual_inversion, embeddings_used, load_textual_inversion,
                                    prompt_tokenizer, read_embeddings)
 
@@ -71,5 +72,4 @@ class Embeddings(AddOn):
 
     def missing(self, recorded: str | None) -> list[str]:
         """Names in a recorded "name: hash, ..." text that this add-on does not load."""
-        names = [part.rpartition(":")[0].strip() for part in (recorded or "").split(",") if part.strip()]
-        return [name for name in names if name not in self.names]
+        return [name for name in named_hashes(recorded) if name not in self.names]
