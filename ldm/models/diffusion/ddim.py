@@ -227,16 +227,18 @@ class DiscreteTimeSampler:
                log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
                unconditional_conditioning: Any = None, dynamic_threshold: float | None = None,
                ucg_schedule: Sequence[float] | None = None, noise: ImageNoise | None = None,
-               **kwargs: Any) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+               ddim_discretize: str = "uniform", **kwargs: Any) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Run the sampler from x_T (drawn from `noise` when not given) over `S` steps.
 
         Returns the final latents and `{"x_inter": [...], "pred_x0": [...]}` logged every `log_every_t` steps.
         `noise` supplies x_T and every stochastic draw (eta > 0, masking); without it, seeds come from torch's global
-        RNG as CompVis scripts expect. `normals_sequence` is accepted and ignored, as in CompVis.
+        RNG as CompVis scripts expect. `normals_sequence` is accepted and ignored, as in CompVis. `ddim_discretize`
+        picks the timesteps (`make_ddim_timesteps`: CompVis' "uniform", or diffusers' "trailing", which Hyper-SD's
+        LoRAs are run with).
         """
         self._check_inputs(batch_size, conditioning, unconditional_conditioning, mask, x0, score_corrector,
                            noise, x_T)
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
+        self.make_schedule(ddim_num_steps=S, ddim_discretize=ddim_discretize, ddim_eta=eta, verbose=verbose)
         scales = self._guidance_scales(unconditional_guidance_scale, ucg_schedule)
         noise = noise if noise is not None else ImageNoise.from_global_rng(batch_size)
         if x_T is None:

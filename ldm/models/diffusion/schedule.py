@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from ldm.models.diffusion.k_schedules import append_zero, get_sigmas_karras
@@ -54,10 +55,16 @@ def make_ddim_timesteps(method: str, num_steps: int, num_ddpm_timesteps: int) ->
 
     "uniform" takes every `num_ddpm_timesteps // num_steps`-th step, so it returns more than `num_steps` steps when
     `num_steps` does not divide `num_ddpm_timesteps` (CompVis does the same); "quad" spaces them quadratically up to
-    80% of the range. Every step is shifted by +1 so that the last update lands on alphas_cumprod[0].
+    80% of the range. Every step is shifted by +1 so that the last update lands on alphas_cumprod[0]. "trailing" is
+    diffusers' spacing of that name (Hyper-SD's and SDXL-Lightning's): round(k T / n) - 1 for k = 1..n, so the run
+    starts at the last timestep, T - 1 (249, 499, 749, 999 for 4 of 1000).
     """
     if not 1 <= num_steps <= num_ddpm_timesteps:
         raise ValueError(f"the number of sampling steps must be between 1 and {num_ddpm_timesteps}, got {num_steps}")
+    if method == "trailing":
+        # numpy's float arange, as diffusers computes it, so that the rounding of k T / n is the same
+        return [int(step) for step in np.round(np.arange(num_ddpm_timesteps, 0, -num_ddpm_timesteps / num_steps))[::-1]
+                - 1]
     if method == "uniform":
         steps = list(range(0, num_ddpm_timesteps, num_ddpm_timesteps // num_steps))
     elif method == "quad":
@@ -70,7 +77,7 @@ def make_ddim_timesteps(method: str, num_steps: int, num_ddpm_timesteps: int) ->
             points = [index * spacing for index in range(num_steps - 1)] + [top]
         steps = [int(point**2) for point in points]
     else:
-        raise ValueError(f"ddim_discretize must be 'uniform' or 'quad', got {method!r}")
+        raise ValueError(f"ddim_discretize must be 'uniform', 'quad' or 'trailing', got {method!r}")
     return [step + 1 for step in steps]
 
 

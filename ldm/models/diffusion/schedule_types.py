@@ -9,6 +9,10 @@ the eta noise seed delta, or draw Brownian-tree noise. `a1111_sigmas` puts both 
 `KDiffusionSampler.get_sigmas` does, and `split_sampler_and_schedule` reads the combined names of older infotexts
 ("DPM++ 2M Karras").
 
+`SPACING_TYPES` adds diffusers' timestep spacings beyond AUTOMATIC1111's twelve (Leading, Linspace, Trailing, and
+LCM, the timesteps of diffusers' `LCMScheduler`), for the few-step models whose authors name them (SDXL-Lightning:
+Euler with "trailing"); they are looked up, resolved and recorded like the others ("Schedule type: Trailing").
+
 The arithmetic follows AUTOMATIC1111 and k-diffusion operation for operation (float32 torch ops, numpy float64
 where they use numpy, per-element 0-d tensor ops where they loop), so on the CPU the sigmas equal theirs bit for
 bit (tests/test_schedule_types.py); on a GPU their model-dependent types (Uniform, SGM Uniform, Normal) may differ in
@@ -40,12 +44,14 @@ class DiscreteSigmas(Protocol):
 @dataclass(frozen=True)
 class ScheduleOptions:
     """AUTOMATIC1111's settings that change some schedule types: `rho` for Karras (default 7) and Polyexponential
-    (default 1), `sdxl` for Align Your Steps' table, `beta_alpha` / `beta_beta` for Beta (0.6 and 0.6)."""
+    (default 1), `sdxl` for Align Your Steps' table, `beta_alpha` / `beta_beta` for Beta (0.6 and 0.6); and
+    diffusers' `steps_offset` for Leading."""
 
     rho: float | None = None
     sdxl: bool = False
     beta_alpha: float = 0.6
     beta_beta: float = 0.6
+    steps_offset: int = 1  # diffusers' "leading" shift: 1 in the scheduler configs of SD 1.x, 2.x and XL
 
 
 ScheduleFunction = Callable[[int, float, float, "DiscreteSigmas | None", Device, ScheduleOptions], torch.Tensor]
@@ -189,6 +195,75 @@ SCHEDULE_TYPES: tuple[ScheduleType, ...] = (
 )
 
 
+# --- diffusers' timestep spacings (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+# table 2), in its numpy arithmetic; sigmas at fractional timesteps are interpolated linearly in sigma, as diffusers'
+# Euler schedulers do (k-diffusion interpolates log sigma: the two agree on integer timesteps) ----------------------
+def _leading(n: int, sigma_min: float, sigma_max: float, schedule: DiscreteSigmas | None, device: Device,
+             options: ScheduleOptions) -> torch.Tensor:
+    """Every (T // n)-th timestep from 0, shifted up by `options.steps_offset`: diffusers' "leading"."""
+    total = _train_timesteps(schedule, n)
+    timesteps = (np.arange(0, n) * (total // n)).round()[::-1] + options.steps_offset
+    return _sigmas_at(schedule, timesteps, device)
+
+
+def _linspace(n: int, sigma_min: float, sigma_max: float, schedule: DiscreteSigmas | None, device: Device,
+              options: ScheduleOptions) -> torch.Tensor:
+    """n timesteps evenly spaced from T-1 down to 0, fractional between (diffusers' "linspace" of its Euler
+    schedulers; k-diffusion's Uniform is the same timesteps with log sigma interpolated)."""
+    total = _train_timesteps(schedule, n)
+    return _sigmas_at(schedule, np.linspace(0, total - 1, n, dtype=np.float32)[::-1], device)
+
+
+def _trailing(n: int, sigma_min: float, sigma_max: float, schedule: DiscreteSigmas | None, device: Device,
+              options: ScheduleOptions) -> torch.Tensor:
+    """n integer timesteps counted back from T-1 in strides of T / n (999, 749, 499, 249 for 4 of 1000): diffusers'
+    "trailing", which starts at the last timestep whatever n is."""
+    total = _train_timesteps(schedule, n)
+    return _sigmas_at(schedule, np.round(np.arange(total, 0, -total / n)) - 1, device)
+
+
+def _lcm(n: int, sigma_min: float, sigma_max: float, schedule: DiscreteSigmas | None, device: Device,
+         options: ScheduleOptions) -> torch.Tensor:
+    """diffusers' `LCMScheduler`: n of the 50 timesteps an LCM was distilled on (k - 1, 2k - 1, ..., T - 1 with
+    k = T // 50), picked at floor(linspace(0, 50, n, endpoint=False)) from the top (999, 759, 499, 259 for 4)."""
+    original = LCM_ORIGINAL_STEPS
+    if n > original:
+        raise ValueError(f"the LCM schedule picks from the {original} timesteps an LCM was distilled on: use at most "
+                         f"{original} steps, got {n}")
+    skip = schedule.sigmas.numel() // original
+    distilled = (np.arange(1, original + 1) * skip - 1)[::-1]
+    return _sigmas_at(schedule, distilled[np.floor(np.linspace(0, original, n, endpoint=False)).astype(np.int64)],
+                      device)
+
+
+def _train_timesteps(schedule: DiscreteSigmas, n: int) -> int:
+    """T, the model's number of timesteps; ValueError when a run of n steps would need more (as diffusers refuses)."""
+    total = schedule.sigmas.numel()
+    if n > total:
+        raise ValueError(f"{n} steps are more than the model's {total} timesteps: use fewer steps")
+    return total
+
+
+def _sigmas_at(schedule: DiscreteSigmas, timesteps: np.ndarray, device: Device) -> torch.Tensor:
+    """The model's sigmas at (possibly fractional) `timesteps`, linear in sigma between integer ones as numpy's
+    `interp` gives them to diffusers, then 0."""
+    sigmas = schedule.sigmas.cpu().numpy()
+    if not (0 <= timesteps.min() and timesteps.max() <= sigmas.shape[0] - 1):
+        raise ValueError(f"timesteps {timesteps.tolist()} leave the model's 0..{sigmas.shape[0] - 1}: use fewer steps")
+    picked = np.interp(timesteps.astype(np.float64), np.arange(sigmas.shape[0]), sigmas)
+    return torch.tensor([*picked.tolist(), 0.0], dtype=torch.float32).to(device)
+
+
+LCM_ORIGINAL_STEPS = 50  # the timesteps LCM distillation trains on (diffusers' `original_inference_steps`)
+
+SPACING_TYPES: tuple[ScheduleType, ...] = (
+    ScheduleType("leading", "Leading", _leading, needs_model=True),
+    ScheduleType("linspace", "Linspace", _linspace, needs_model=True),
+    ScheduleType("trailing", "Trailing", _trailing, needs_model=True),
+    ScheduleType("lcm", "LCM", _lcm, needs_model=True),
+)
+
+
 # --- k-diffusion's discrete-schedule arithmetic, one value at a time as AUTOMATIC1111 calls it --------------------
 def _sigma_to_t(schedule: DiscreteSigmas, sigma: float) -> float:
     """The fractional timestep of `sigma` (k-diffusion's unquantized `sigma_to_t` on a 0-d tensor)."""
@@ -212,16 +287,17 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-_BY_KEY = {_key(spelling): entry for entry in SCHEDULE_TYPES for spelling in (entry.name, entry.label, *entry.aliases)}
+_BY_KEY = {_key(spelling): entry for entry in (*SCHEDULE_TYPES, *SPACING_TYPES)
+           for spelling in (entry.name, entry.label, *entry.aliases)}
 
 
 def schedule_type(name: str) -> ScheduleType:
     """The schedule type called `name` (label, name or alias; case and separators do not matter: "SGM Uniform",
-    "sgm_uniform", "sgmuniform"); ValueError listing them otherwise."""
+    "sgm_uniform", "sgmuniform"), AUTOMATIC1111's or one of diffusers' spacings; ValueError listing them otherwise."""
     entry = _BY_KEY.get(_key(name))
     if entry is None:
         raise ValueError(f"unknown schedule type {name!r}: choose one of "
-                         f"{', '.join(entry.label for entry in SCHEDULE_TYPES)}")
+                         f"{', '.join(entry.label for entry in (*SCHEDULE_TYPES, *SPACING_TYPES))}")
     return entry
 
 
