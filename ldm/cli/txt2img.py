@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from ldm.checkpoints import CheckpointError
-from ldm.cli.arguments import check_counts, lora_specs, parse_args
+from ldm.cli.arguments import check_counts, lora_specs, parse_args, sampler_from_flags
 from ldm.cli.distributed import join_world, rank_device
 from ldm.cli.images import MissingDependency, Watermarker
 from ldm.cli.job import Job, Outputs, RankTotals
 from ldm.cli.plan import (RunPlan, apply_compat_flags, check_files, fill_model_defaults, peek_config, plan_batches,
                           read_jobs)
-from ldm.cli.prompts import PromptFileError
+from ldm.cli.prompts import PromptFileError, PromptJob
 from ldm.cli.safety import SafetyChecker
 from ldm.cli.summary import RunSummary
 from ldm.loading import LoadError
@@ -32,6 +32,8 @@ from ldm.pipeline.extra_networks import lora_present, lora_tags
 from ldm.pipeline.errors import GenerationError, UsageError
 from ldm.pipeline.metadata import check_made_by, named_hashes
 from ldm.pipeline.model_info import check_latent_flags
+from ldm.pipeline.presets import few_step_preset
+from ldm.pipeline.request import check_scheduler
 
 PROG = "txt2img.py"
 
@@ -58,7 +60,9 @@ class Shell:
         fill_model_defaults(opt, peek_config(opt))
         check_counts(opt)
         self.opt = opt
-        self.plan: RunPlan = plan_batches(opt, read_jobs(opt))
+        jobs = read_jobs(opt)
+        self.apply_preset(opt, jobs)
+        self.plan: RunPlan = plan_batches(opt, jobs)
         self.recorded = self.plan.source_info  # what a --metadata_from image records
         if opt.metadata_from:
             try:
@@ -85,6 +89,31 @@ class Shell:
         self.ranks: list[RankTotals] = []
 
     # --- flags to add-ons ------------------------------------------------------------------------------------------
+    def apply_preset(self, opt: argparse.Namespace, jobs: Sequence[PromptJob]) -> None:
+        """A few-step model's settings (`few_step_preset`: SDXL-Lightning, Hyper-SD, LCM-LoRA, Turbo, from the
+        checkpoint's, --lora files' and prompt tags' names) for the flags not given, said in one line; not for
+        --metadata_from, whose image records its own."""
+        if opt.metadata_from:
+            return
+        tags = [tag.name for job in jobs for tag in lora_tags(job.prompt)]
+        preset = few_step_preset(opt.ckpt, [path for path, _ in lora_specs(opt.lora)] + tags)
+        if preset is None:
+            return
+        if preset.unsupported:
+            raise UsageError(f"{preset.model} ({preset.source}): {preset.unsupported}")
+        applied = []
+        for flag, dest, value in (("--sampler", "sampler", preset.sampler), ("--scheduler", "scheduler",
+                                  preset.scheduler), ("--ddim_steps", "ddim_steps", preset.steps),
+                                  ("--scale", "scale", preset.scale)):
+            given = opt.given & set(PRESET_FLAG_DESTS[dest])
+            if value is None or given or (dest == "scheduler" and not takes_schedule(opt, value)):
+                continue
+            setattr(opt, dest, value)
+            applied.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+        if applied:
+            self.note(f"{preset.describe()}: applied its authors' settings {' '.join(applied)} (a flag you give "
+                      f"wins){f'; {preset.note}' if preset.note else ''}")
+
     def prepare(self, opt: argparse.Namespace) -> None:
         """Adjust the flags before the plan is made (img2img: the size from the init image)."""
 
@@ -246,6 +275,20 @@ class Shell:
         """The files this process has written completely so far."""
         job = getattr(self, "job", None)
         return job.saved if job is not None else []
+
+
+# A preset's settings and the flags that, given, keep it from applying.
+PRESET_FLAG_DESTS = {"sampler": ("sampler", "plms", "dpm_solver"), "scheduler": ("scheduler",),
+                     "ddim_steps": ("ddim_steps",), "scale": ("scale",)}
+
+
+def takes_schedule(opt: argparse.Namespace, schedule: str) -> bool:
+    """Whether the run's sampler takes a schedule type (the k-diffusion ones; not ddim, plms, dpm_solver)."""
+    try:
+        check_scheduler(sampler_from_flags(opt), schedule, "preset")
+    except UsageError:
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = PROG,
