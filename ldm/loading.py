@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ldm.checkpoints import CheckpointError, PageReleaser, read_checkpoint, read_layout, read_shapes
+from ldm.checkpoints import CheckpointError, PageReleaser, model_hash, read_checkpoint, read_layout, read_shapes
+from ldm.diffusers_folder import (FolderError, folder_hash, folder_overrides, folder_state_dict, is_diffusers_folder,
+                                  read_folder)
 from ldm.util import check_numbers, find_interpolation, instantiate_from_config, to_plain
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
@@ -128,7 +130,7 @@ def _sdxl_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
                     "--config")
 
 
-OPEN_CLIP = re.compile(r"^(conditioner\.embedders\.\d+\.model\.)(text_projection\.weight|text_projection)$")
+OPEN_CLIP = re.compile(r"^((?:conditioner\.embedders\.\d+|cond_stage_model)\.model\.)(text_projection\.weight|text_projection)$")
 INITIAL_LOGIT_SCALE = math.log(1 / 0.07)  # OpenCLIP's initial temperature
 
 
@@ -136,7 +138,8 @@ def normalise_text_layout(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """SDXL files written by diffusers' conversion script (Segmind's SSD-1B and Vega, many fine-tunes), in the layout
     generative-models writes. Their OpenCLIP `text_projection.weight` is a linear layer's weight [embed_dim, width]:
     it becomes OpenCLIP's `text_projection` [width, embed_dim]. Their missing `logit_scale` (the temperature of
-    contrastive training, which inference does not use) is OpenCLIP's initial value. Values are tensors or shapes."""
+    contrastive training, which inference does not use) is OpenCLIP's initial value (also for SD 2.x models read from
+    diffusers folders, which do not keep it). Values are tensors or shapes."""
     prefixes = {match.group(1): match.group(2) for match in map(OPEN_CLIP.match, state_dict) if match}
     if not prefixes:
         return dict(state_dict)
@@ -314,6 +317,8 @@ def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = N
         if not path.is_file():
             raise LoadError(f"config {config} does not exist (released configs are in {CONFIG_DIR})")
         return path
+    if is_diffusers_folder(ckpt):
+        return folder_config(ckpt, v_prediction, shapes)
     beside = Path(ckpt).with_suffix(".yaml")
     if beside.is_file():  # a config next to the checkpoint, under its name, is the checkpoint's own (as in other tools)
         return beside
@@ -330,6 +335,46 @@ def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = N
     if not path.is_file():
         raise LoadError(f"the released config {path} is missing: pass --config")
     return path
+
+
+def folder_config(folder_path: str | os.PathLike, v_prediction: bool | None = None,
+                  shapes: Mapping[str, tuple[int, ...]] | None = None) -> DerivedConfig:
+    """The config of a diffusers folder: its family's released config with the folder's own values (see
+    `ldm.diffusers_folder.folder_overrides`). `v_prediction`, when given, overrides the scheduler's prediction type
+    for SD 2.x."""
+    try:
+        folder = read_folder(folder_path)
+        shapes = shapes if shapes is not None else checkpoint_shapes(folder_path)
+        family = folder.family
+        v = folder.v_prediction if v_prediction is None else v_prediction
+        if family == "v2" and v:
+            family = "v2-v"
+        overrides = folder_overrides(folder, unet_params_from_shapes(shapes))
+        if family.startswith("xl"):  # the size embedders' widths too, then the folder's own values
+            overrides = {**sdxl_params_from_shapes(normalise_text_layout(shapes), family), **overrides}
+    except FolderError as error:
+        raise LoadError(str(error)) from None
+    if v_prediction is not None and family.startswith("v"):
+        overrides["model.params.parameterization"] = "v" if v_prediction else "eps"
+    return derived_config(CONFIG_DIR / CONFIGS[family], overrides)
+
+
+def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The shapes of a checkpoint's tensors under the released keys, from its layout only: a file's, or a diffusers
+    folder's translated."""
+    if is_diffusers_folder(path):
+        return {key: tuple(value.shape) for key, value in read_weights(path, shapes_only=True).items()}
+    return read_shapes(path)
+
+
+def checkpoint_hash(path: str | os.PathLike) -> str:
+    """The 10-hex "Model hash" of a checkpoint file or a diffusers folder."""
+    if is_diffusers_folder(path):
+        try:
+            return folder_hash(read_folder(path))
+        except FolderError as error:
+            raise LoadError(str(error)) from None
+    return model_hash(path)
 
 
 def load_config(path: str | os.PathLike, trusted: bool = False) -> Any:
@@ -431,8 +476,13 @@ def select_ema(state_dict: dict[str, torch.Tensor], use_ema: bool) -> dict[str, 
 
 
 def read_weights(path: str | os.PathLike, shapes_only: bool = False) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors; with `shapes_only`, meta tensors of their shapes and dtypes (only the file's layout
-    is read)."""
+    """The checkpoint's tensors (a diffusers folder's under the released keys); with `shapes_only`, meta tensors of
+    their shapes and dtypes (only the files' layout is read)."""
+    if is_diffusers_folder(path):
+        try:
+            return normalise_text_layout(folder_state_dict(read_folder(path), shapes_only))
+        except FolderError as error:
+            raise LoadError(str(error)) from None
     if shapes_only:
         return {key: torch.empty(shape, dtype=dtype, device="meta")
                 for key, (shape, dtype) in read_layout(path).items()}

@@ -16,11 +16,8 @@ from ldm.checkpoints import read_checkpoint, read_shapes
 from ldm.loading import (CONFIG_DIR, DerivedConfig, LoadError, load_config, load_model, parameters_on_meta,
                          resolve_config, unet_params_from_shapes)
 from ldm.util import instantiate_from_config
-from reference_sdxl import diffusers_vector
+from reference_sdxl import distilled_unet_config, diffusers_vector
 
-# (diffusers' transformer_layers_per_block, reverse_transformer_layers_per_block) of the released models
-DIFFUSERS_DEPTHS = {"ssd1b": ([1, 2, 4], [[4, 4, 10], [2, 1, 1], [1, 1, 1]]),
-                    "vega": ([1, 1, 2], [[2, 2, 2], [1, 1, 1], [1, 1, 1]])}
 RELEASED = {"ssd1b": "ssd-1b.yaml", "vega": "segmind-vega.yaml"}
 OPEN_CLIP = "conditioner.embedders.1.model."
 
@@ -78,14 +75,8 @@ def test_shipped_configs_are_the_released_architectures(family):
     parameters = sum(parameter.numel() for parameter in unet.parameters())
     assert parameters == {"ssd1b": 1_331_334_404, "vega": 745_225_604}[family]  # 1.3B and 745M
     checkpoint = {key: value for key, value in model.state_dict().items() if key.startswith("model.diffusion_model.")}
-    layers, reverse = DIFFUSERS_DEPTHS[family]
-    unet_config = dict(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2D",
-        attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-        transformer_layers_per_block=layers, reverse_transformer_layers_per_block=reverse,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    unet_config = distilled_unet_config(family, widths=(320, 640, 1280), heads=(5, 10, 20), context=2048,
+                                        time_embedding=256, vector=2816)
     with torch.device("meta"):
         reference = UNet2DConditionModel(**unet_config)
     converted = single_file_utils.convert_ldm_unet_checkpoint(checkpoint, unet_config)
@@ -101,14 +92,7 @@ def test_shipped_configs_are_the_released_architectures(family):
 def test_unet_matches_diffusers_with_per_block_transformer_layers(checkpoints, family):
     model = load_model(checkpoints[family])
     checkpoint, _ = read_checkpoint(checkpoints[family])
-    layers, reverse = DIFFUSERS_DEPTHS[family]
-    unet_config = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2D",
-        attention_head_dim=(1, 2, 2), cross_attention_dim=128, use_linear_projection=True,
-        transformer_layers_per_block=layers, reverse_transformer_layers_per_block=reverse,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+    unet_config = distilled_unet_config(family)
     reference = UNet2DConditionModel(**unet_config).eval()
     reference.load_state_dict(single_file_utils.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
     generator = torch.Generator().manual_seed(5)

@@ -10,6 +10,7 @@ from typing import Any
 from ldm.cli.arguments import DEFAULT_CKPT, sampler_from_flags
 from ldm.cli.outputs import can_create_file_in
 from ldm.cli.prompts import PromptFileError, PromptJob, job_from_mapping, read_prompt_file
+from ldm.diffusers_folder import is_diffusers_folder
 from ldm.loading import LoadError, load_config, resolve_config
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.metadata import VERSION, read_metadata_file
@@ -214,7 +215,10 @@ def missing_checkpoint_message(ckpt: str) -> str:
 
 
 def check_files(opt: argparse.Namespace) -> None:
-    if not os.path.isfile(opt.ckpt):
+    if not os.path.isfile(opt.ckpt) and not is_diffusers_folder(opt.ckpt):
+        if os.path.isdir(opt.ckpt):
+            raise UsageError(f"--ckpt {opt.ckpt} is a folder without model_index.json: pass a checkpoint file or a "
+                             f"diffusers model folder (model_index.json, unet/, vae/, text_encoder/, scheduler/)")
         raise UsageError(missing_checkpoint_message(opt.ckpt))
     if opt.vae is not None and not os.path.isfile(opt.vae):
         raise UsageError(f"--vae {opt.vae} not found: pass the path of an autoencoder .ckpt/.safetensors file")
@@ -250,7 +254,7 @@ def fill_model_defaults(opt: argparse.Namespace, config: Any | None) -> None:
 
 def peek_config(opt: argparse.Namespace) -> Any | None:
     """The model's config when the checkpoint can be read already; problems are reported in their turn later."""
-    if not os.path.isfile(opt.ckpt):
+    if not os.path.isfile(opt.ckpt) and not is_diffusers_folder(opt.ckpt):
         return None
     try:
         return load_config(resolve_config(opt.ckpt, opt.config, opt.v_prediction or None), opt.trust_config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+from ldm.diffusers_folder import FolderError, is_diffusers_folder, read_folder
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.request import Request, nearest_multiples
@@ -26,9 +27,11 @@ def model_defaults(config: Any | None, ckpt: str | None = None) -> dict[str, int
         if "network_config" in config.model.params:
             turbo = "turbo" in Path(ckpt or "").name.lower()
             default = (SDXL_TURBO_SIZE if turbo else SDXL_SIZE) // f
+            if ckpt is not None and is_diffusers_folder(ckpt):  # its UNet config says
+                default = read_folder(ckpt).sample_size
         size = int(config.model.params.get("image_size", default)) * f
         return {"f": f, "C": channels, "H": size, "W": size}
-    except (AttributeError, KeyError, TypeError, ValueError):  # another kind of config: CompVis defaults
+    except (AttributeError, KeyError, TypeError, ValueError, FolderError):  # another kind of config: CompVis defaults
         return values
 
 

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from ldm import optimize
-from ldm.checkpoints import CheckpointError, model_hash, read_shapes
+from ldm.checkpoints import CheckpointError
 from ldm.devices import accelerator_memory, choose_device, choose_dtype
-from ldm.loading import LoadError, check_loadable, load_config, load_model, resolve_config
+from ldm.loading import (LoadError, check_loadable, checkpoint_hash, checkpoint_shapes, load_config, load_model,
+                         resolve_config)
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import sample, sampler_display_name
 from ldm.models.diffusion.schedule import NoiseSchedule
@@ -217,7 +218,7 @@ class Pipeline:
             addon.load(pipeline)
         if options.hash_files:  # hashed beside the sampling (hashlib releases the GIL); the first record waits
             executor = ThreadPoolExecutor(1, thread_name_prefix="model-hash")
-            pipeline._hashing = executor.submit(model_hash, setup.ckpt)
+            pipeline._hashing = executor.submit(checkpoint_hash, setup.ckpt)
             executor.shutdown(wait=False)
         return pipeline
 
@@ -417,7 +418,7 @@ def _check_memory(setup: Setup, requests: Sequence[Request]) -> None:
     """Refuse before loading what cannot fit: on a GPU the weights alone, then (GPU and CPU RAM) each request's
     weights and activations, naming the flag that makes it fit."""
     try:
-        part_bytes = weight_bytes_by_part(read_shapes(setup.ckpt), setup.dtype)
+        part_bytes = weight_bytes_by_part(checkpoint_shapes(setup.ckpt), setup.dtype)
     except (CheckpointError, LoadError):
         return  # the loader reports an unreadable file in its own words
     memory = accelerator_memory(setup.device)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ldm.checkpoints import CheckpointError, model_hash, read_shapes
 from ldm.controlnet import attach_controlnet, base_model_name, context_width_of, controlnet_weights, load_controlnet
-from ldm.loading import LoadError, detect_family
+from ldm.loading import LoadError, checkpoint_shapes, detect_family
 from ldm.pipeline.addons.base import AddOn
 from ldm.pipeline.addons.refiner import Refiner
 from ldm.pipeline.errors import UsageError
@@ -59,7 +59,7 @@ class ControlNet(AddOn):
             raise UsageError("--controlnet and --refiner cannot be combined: the refiner is SDXL, these ControlNets "
                              "are SD 1.x/2.x")
         try:
-            family = detect_family(read_shapes(setup.ckpt))
+            family = detect_family(checkpoint_shapes(setup.ckpt))
         except (CheckpointError, LoadError):
             family = None  # the model's own loading reports what is wrong with the checkpoint
         if family is not None:

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ldm import optimize
-from ldm.checkpoints import CheckpointError, read_shapes
-from ldm.loading import LoadError, check_loadable, detect_family, load_config, load_model, resolve_config
+from ldm.checkpoints import CheckpointError
+from ldm.diffusers_folder import is_diffusers_folder
+from ldm.loading import (LoadError, check_loadable, checkpoint_shapes, detect_family, load_config, load_model,
+                         resolve_config)
 from ldm.models.diffusion.refiner_handoff import resolves_handoff, sample_with_refiner
 from ldm.pipeline.addons.base import AddOn, SampleCall
 from ldm.pipeline.errors import UsageError
@@ -31,7 +33,7 @@ DEFAULT_SWITCH = 0.8  # diffusers' documented example: the base runs 80% of the 
 def checkpoint_family(path: str) -> str | None:
     """The checkpoint family the loader sees in `path` ("xl-base", "xl-refiner", ...); None when unreadable."""
     try:
-        return detect_family(read_shapes(path))
+        return detect_family(checkpoint_shapes(path))
     except (CheckpointError, LoadError):
         return None
 
@@ -56,8 +58,9 @@ class Refiner(AddOn):
                              f"sd_xl_base_1.0.safetensors")
 
     def check(self, setup: Setup, requests: Sequence[Request]) -> None:
-        if not os.path.isfile(self.path):
-            raise UsageError(f"--refiner {self.path} not found: pass an SDXL refiner checkpoint file")
+        if not os.path.isfile(self.path) and not is_diffusers_folder(self.path):
+            raise UsageError(f"--refiner {self.path} not found: pass an SDXL refiner checkpoint file or diffusers "
+                             f"folder")
         family = checkpoint_family(self.path)
         if family != "xl-refiner":
             raise UsageError(f"--refiner {self.path} is not an SDXL refiner checkpoint (its weights are "

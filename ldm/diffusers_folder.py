@@ -1,0 +1,292 @@
+"""Models saved in diffusers' folder layout (`model_index.json`, `unet/`, `vae/`, `text_encoder*/`, `scheduler/`),
+read into the released key layout and described by a released config with the folder's own values.
+
+Only what a model needs is read: each component's `config.json`, its weights (`.safetensors`, else `.bin` through
+the same weights-only loader as `.ckpt` files; the `fp16` variant when the full-precision file is absent; sharded
+files through their index) and the scheduler's settings. Tokenizer folders are not read: every SD 1.x/2.x/XL model
+uses CLIP's vocabulary, which this package carries. Nothing is downloaded and nothing in the folder is run: the
+JSON files are data, bounded in size, and the class names they hold are compared, never imported.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ldm.checkpoints import CheckpointError, file_sha256, read_checkpoint, read_layout
+from ldm.diffusers_names import (UNetLayout, hf_text_state_dict, open_clip_state_dict, prefixed, unet_state_dict,
+                                 vae_state_dict)
+
+MODEL_INDEX = "model_index.json"
+JSON_LIMIT = 4 << 20  # the largest config or shard index accepted; released ones are a few KiB
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
+# diffusers' schedule names -> CompVis' (`make_beta_schedule`): its "scaled_linear" is CompVis' "linear"
+BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear"}
+TEXT_ACTIVATIONS = {"v1": "quick_gelu", "v2": "gelu", "xl-base": "quick_gelu"}  # OpenAI CLIP vs OpenCLIP towers
+
+
+class FolderError(Exception):
+    """A diffusers folder this package cannot use; the message says why and what to do."""
+
+
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, MODEL_INDEX))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a folder file, bounded in size; FolderError for anything else."""
+    try:
+        size = path.stat().st_size
+        if size > JSON_LIMIT:
+            raise FolderError(f"{path} is {size} bytes; a diffusers config is a few KiB: is it the right file?")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FolderError(f"{path} is missing: the diffusers folder is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FolderError(f"cannot read {path}: {error}") from None
+    if not isinstance(value, dict):
+        raise FolderError(f"{path} does not hold a JSON object")
+    return value
+
+
+@dataclass(frozen=True)
+class DiffusersFolder:
+    """A diffusers model folder: its components' configs (`configs["unet"]`, ...) and the scheduler's settings."""
+
+    path: Path
+    configs: dict[str, dict[str, Any]] = field(repr=False)
+    scheduler: dict[str, Any] = field(repr=False)
+
+    @property
+    def family(self) -> str:
+        """"v1", "v2", "xl-base" or "xl-refiner", from the text encoders the folder holds."""
+        encoders = [name for name in ("text_encoder", "text_encoder_2") if name in self.configs]
+        if encoders == ["text_encoder", "text_encoder_2"]:
+            return "xl-base"
+        if encoders == ["text_encoder_2"]:
+            return "xl-refiner"
+        if encoders == ["text_encoder"]:
+            # SD 2.x's OpenCLIP tower, stored as a Hugging Face CLIP model, is the one with plain GELU
+            return "v2" if self.configs["text_encoder"].get("hidden_act") == "gelu" else "v1"
+        raise FolderError(f"{self.path} has no text encoder (text_encoder/ or text_encoder_2/): it is not a Stable "
+                          "Diffusion text-to-image model")
+
+    @property
+    def sample_size(self) -> int:
+        """The UNet's latent size, the images' default size / 8 (SD 1.x 64, SD 2.x-768 96, SDXL 128, Turbo 64)."""
+        return int(self.configs["unet"].get("sample_size", 64))
+
+    @property
+    def v_prediction(self) -> bool:
+        return self.scheduler.get("prediction_type", "epsilon") == "v_prediction"
+
+    def weights_file(self, component: str) -> Path:
+        """The component's weights: full precision before the fp16 variant, safetensors before pickles, a single
+        file before a sharded index."""
+        folder = self.path / component
+        stem = WEIGHT_STEMS[component]
+        for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors",
+                     f"{stem}.safetensors.index.fp16.json", f"{stem}.bin", f"{stem}.bin.index.json",
+                     f"{stem}.fp16.bin", f"{stem}.bin.index.fp16.json"):
+            if (folder / name).is_file():
+                return folder / name
+        raise FolderError(f"{folder} holds no weights ({stem}.safetensors or {stem}.bin): the diffusers folder is "
+                          "incomplete")
+
+
+@functools.lru_cache(maxsize=8)
+def _read_folder(path: Path, mtime_ns: int) -> DiffusersFolder:
+    index = read_json(path / MODEL_INDEX)
+    configs = {}
+    for component in WEIGHT_STEMS:
+        entry = index.get(component)
+        if isinstance(entry, list) and entry and entry[0] is not None:
+            configs[component] = read_json(path / component / "config.json")
+    for needed in ("unet", "vae"):
+        if needed not in configs:
+            raise FolderError(f"{path / MODEL_INDEX} names no {needed}: this is not a Stable Diffusion model folder "
+                              f"(its pipeline is {index.get('_class_name', 'unnamed')})")
+    scheduler = read_json(path / "scheduler" / "scheduler_config.json") if (
+        path / "scheduler" / "scheduler_config.json").is_file() else {}
+    return DiffusersFolder(path, configs, scheduler)
+
+
+def read_folder(path: str | os.PathLike) -> DiffusersFolder:
+    """The folder's configs (read once per change of `model_index.json`)."""
+    path = Path(path).resolve()
+    try:
+        mtime = (path / MODEL_INDEX).stat().st_mtime_ns
+    except OSError as error:
+        raise FolderError(f"cannot read {path / MODEL_INDEX}: {error.strerror}") from None
+    return _read_folder(path, mtime)
+
+
+def _shard_files(index_file: Path) -> list[Path]:
+    weight_map = read_json(index_file).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise FolderError(f"{index_file} has no weight_map: the sharded weights cannot be found")
+    names = sorted(set(map(str, weight_map.values())))
+    if any(Path(name).name != name or name in ("", ".", "..") for name in names):
+        raise FolderError(f"{index_file} names shard files outside its folder; refusing to read them")
+    return [index_file.parent / name for name in names]
+
+
+def read_component(file: Path, shapes_only: bool) -> dict[str, torch.Tensor]:
+    """A component's tensors (meta tensors of their shapes and dtypes with `shapes_only`), shards merged."""
+    files = _shard_files(file) if file.name.endswith(".json") else [file]
+    tensors: dict[str, torch.Tensor] = {}
+    for part in files:
+        try:
+            if shapes_only:
+                tensors.update({key: torch.empty(shape, dtype=dtype, device="meta")
+                                for key, (shape, dtype) in read_layout(part).items()})
+            else:
+                tensors.update(read_checkpoint(part)[0])
+        except FileNotFoundError:
+            raise FolderError(f"{part} is missing: the diffusers folder is incomplete") from None
+        except CheckpointError as error:
+            raise FolderError(str(error)) from None
+    return tensors
+
+
+def _text_layers(config: Mapping[str, Any]) -> int:
+    return int(config["num_hidden_layers"])
+
+
+def folder_state_dict(folder: DiffusersFolder, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The folder's weights under the released checkpoints' keys (see ldm.diffusers_names)."""
+    family, configs = folder.family, folder.configs
+    weights = {name: read_component(folder.weights_file(name), shapes_only) for name in configs}
+    try:
+        state_dict = prefixed(unet_state_dict(weights["unet"], UNetLayout.from_config(configs["unet"])),
+                              "model.diffusion_model.")
+        state_dict.update(prefixed(vae_state_dict(weights["vae"], len(configs["vae"]["block_out_channels"])),
+                                   "first_stage_model."))
+        if family == "v1":
+            state_dict.update(prefixed(hf_text_state_dict(weights["text_encoder"]), "cond_stage_model.transformer."))
+        elif family == "v2":
+            tower = open_clip_state_dict(weights["text_encoder"], _text_layers(configs["text_encoder"]))
+            width = tower["ln_final.weight"].shape[0]
+            tower["text_projection"] = torch.empty(width, 0, device=tower["ln_final.weight"].device)  # unused by SD 2
+            state_dict.update(prefixed(tower, "cond_stage_model.model."))
+        else:
+            big_g = "conditioner.embedders.1.model." if family == "xl-base" else "conditioner.embedders.0.model."
+            if family == "xl-base":
+                state_dict.update(prefixed(hf_text_state_dict(weights["text_encoder"]),
+                                           "conditioner.embedders.0.transformer."))
+            state_dict.update(prefixed(open_clip_state_dict(weights["text_encoder_2"],
+                                                            _text_layers(configs["text_encoder_2"])), big_g))
+    except KeyError as error:
+        raise FolderError(f"{folder.path}: {error.args[0] if error.args else error} (not a weight of a model this "
+                          "package builds)") from None
+    return state_dict
+
+
+def _heads(unet: Mapping[str, Any]) -> dict[str, int]:
+    """UNetModel's num_heads / num_head_channels from diffusers' `attention_head_dim` (which, despite its name,
+    counts heads: an int for every level, SD 1.x's 8, or one per level, SD 2.x's and SDXL's width / 64)."""
+    heads = unet.get("num_attention_heads") or unet.get("attention_head_dim", 8)
+    if isinstance(heads, int):
+        return {"num_heads": heads, "num_head_channels": -1}
+    widths = {width // count for width, count in zip(unet["block_out_channels"], heads) if count}
+    if len(widths) != 1:
+        raise FolderError(f"unet/config.json: heads {list(heads)} over widths {unet['block_out_channels']} are not "
+                          "one head width, which this package's UNet needs")
+    return {"num_heads": -1, "num_head_channels": widths.pop()}
+
+
+def _refuse_unsupported(folder: DiffusersFolder) -> None:
+    unet, scheduler = folder.configs["unet"], folder.scheduler
+    for key, why in (("time_cond_proj_dim", "a guidance embedding (LCM-distilled UNets such as LCM_Dreamshaper)"),
+                     ("class_embed_type", "a class embedding"), ("encoder_hid_dim", "an image-prompt projection")):
+        if unet.get(key) is not None:
+            raise FolderError(f"{folder.path}/unet has {why} ({key}), which this package's UNet does not build")
+    if scheduler.get("beta_schedule", "scaled_linear") not in BETA_SCHEDULES:
+        raise FolderError(f"{folder.path}/scheduler: beta_schedule {scheduler['beta_schedule']!r} is not supported "
+                          f"(only {', '.join(BETA_SCHEDULES)})")
+    if scheduler.get("rescale_betas_zero_snr"):
+        raise FolderError(f"{folder.path}/scheduler: rescale_betas_zero_snr is not supported")
+    if scheduler.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise FolderError(f"{folder.path}/scheduler: prediction_type {scheduler['prediction_type']!r} is not "
+                          "supported (epsilon or v_prediction)")
+    if folder.configs["vae"].get("shift_factor") not in (None, 0, 0.0):
+        raise FolderError(f"{folder.path}/vae has a shift_factor: it is not a Stable Diffusion 1.x/2.x/XL autoencoder")
+
+
+def folder_overrides(folder: DiffusersFolder, unet_params: Mapping[str, Any]) -> dict[str, Any]:
+    """Values of the family's released config (dotted paths) that the folder sets: the UNet's structure
+    (`unet_params`, read from its weights) and heads, the text encoders' and autoencoder's sizes, the latent scale,
+    the noise schedule and the prediction type."""
+    _refuse_unsupported(folder)
+    family, configs, scheduler = folder.family, folder.configs, folder.scheduler
+    root, xl = "model.params.", family.startswith("xl")
+    unet_root = f"{root}{'network_config' if xl else 'unet_config'}.params."
+    overrides = {unet_root + name: value for name, value in {**unet_params, **_heads(configs["unet"])}.items()}
+    vae = configs["vae"]
+    widths = list(vae["block_out_channels"])
+    ddconfig = f"{root}first_stage_config.params.ddconfig."
+    overrides.update({ddconfig + "ch": widths[0], ddconfig + "ch_mult": [width // widths[0] for width in widths],
+                      ddconfig + "num_res_blocks": int(vae.get("layers_per_block", 2)),
+                      ddconfig + "z_channels": int(vae.get("latent_channels", 4)),
+                      f"{root}first_stage_config.params.embed_dim": int(vae.get("latent_channels", 4))})
+    if vae.get("scaling_factor") is not None:
+        overrides[root + "scale_factor"] = float(vae["scaling_factor"])
+    overrides.update(_text_overrides(folder))
+    start, end = float(scheduler.get("beta_start", 0.00085)), float(scheduler.get("beta_end", 0.012))
+    steps = int(scheduler.get("num_train_timesteps", 1000))
+    schedule = BETA_SCHEDULES[scheduler.get("beta_schedule", "scaled_linear")]
+    if xl:
+        if schedule != "linear":
+            raise FolderError(f"{folder.path}/scheduler: SDXL models here take the scaled_linear beta schedule only")
+        denoiser = f"{root}denoiser_config.params."
+        overrides.update({denoiser + "num_idx": steps,
+                          denoiser + "discretization_config.params.linear_start": start,
+                          denoiser + "discretization_config.params.linear_end": end,
+                          denoiser + "discretization_config.params.num_timesteps": steps})
+        if folder.v_prediction:
+            overrides[denoiser + "scaling_config.target"] = "sgm.modules.diffusionmodules.denoiser_scaling.VScaling"
+    else:
+        overrides.update({root + "linear_start": start, root + "linear_end": end, root + "timesteps": steps,
+                          root + "beta_schedule": schedule, root + "image_size": folder.sample_size,
+                          unet_root + "image_size": folder.sample_size,
+                          root + "parameterization": "v" if folder.v_prediction else "eps"})
+    return overrides
+
+
+def _text_overrides(folder: DiffusersFolder) -> dict[str, Any]:
+    family, configs = folder.family, folder.configs
+    emb = "model.params.conditioner_config.params.emb_models."
+    places = {"v1": [("text_encoder", "model.params.cond_stage_config.params.")],
+              "v2": [("text_encoder", "model.params.cond_stage_config.params.")],
+              "xl-base": [("text_encoder", emb + "0.params."), ("text_encoder_2", emb + "1.params.")],
+              "xl-refiner": [("text_encoder_2", emb + "0.params.")]}[family]
+    overrides: dict[str, Any] = {}
+    for component, params in places:
+        config = configs[component]
+        activation = config.get("hidden_act", "quick_gelu")
+        expected = TEXT_ACTIVATIONS.get(family, "gelu") if component == "text_encoder" else "gelu"
+        if activation != expected:
+            raise FolderError(f"{folder.path}/{component}/config.json: hidden_act {activation!r} where this model "
+                              f"family's encoder uses {expected!r}")
+        overrides.update({params + "vocab_size": int(config["vocab_size"]),
+                          params + "width": int(config["hidden_size"]), params + "layers": _text_layers(config),
+                          params + "heads": int(config["num_attention_heads"])})
+        if "projection_dim" in config and component == "text_encoder_2":
+            overrides[params + "embed_dim"] = int(config["projection_dim"])
+        if family == "xl-base" and component == "text_encoder":
+            overrides[params + "layer_idx"] = _text_layers(config) - 1
+    if family == "v2":  # diffusers stores the 23 blocks SD 2.x uses: all of them, then ln_final, is its penultimate
+        params = places[0][1]
+        overrides.update({params + "layer": "last", params + "embed_dim": 0})
+    return overrides
+
+
+def folder_hash(folder: DiffusersFolder) -> str:
+    """The 10-hex "Model hash" of a folder's model: that of its UNet's weights file (or shard index)."""
+    return file_sha256(folder.weights_file("unet"))[:10]

@@ -1,0 +1,227 @@
+"""Models in diffusers' folder layout: saved by diffusers' own `save_pretrained` from pipelines it assembles from our
+tiny checkpoints, read back into the released key layout (every weight equal), their scheduler settings honoured,
+the same images as diffusers' pipelines loaded from the same folders, the CLI with `--ckpt <folder>`, and the
+folders' mistakes refused in one line."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from checkpoint_factory import TEST_CONFIGS, make_tiny_xl_checkpoint
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders import single_file_utils
+from reference_sd import NEGATIVE, PROMPT, SCHEDULE, diffusers_pipeline, diffusers_unet_and_vae
+from reference_sdxl import diffusers_parts
+from reference_text import for_transformers, hf_text_config
+
+from ldm.checkpoints import read_checkpoint
+from ldm.diffusers_names import UNetLayout
+from ldm.loading import DerivedConfig, LoadError, checkpoint_hash, load_config, load_model, resolve_config
+from ldm.models.diffusion.noise import ImageNoise
+from ldm.models.diffusion.samplers import sample
+
+DDIM = dict(clip_sample=False, timestep_spacing="leading", **SCHEDULE)
+STEPS, SCALE = 4, 6.0
+
+
+def _v2_pipeline(checkpoint: Path, folder: Path, scheduler) -> StableDiffusionPipeline:
+    """An SD 2.x pipeline as diffusers' converter makes them: the OpenCLIP tower as a Hugging Face CLIP model holding
+    the blocks SD 2.x uses (all but the last: "penultimate"), no projection."""
+    weights, _ = read_checkpoint(checkpoint)
+    unet, vae = diffusers_unet_and_vae(weights, "tiny-v2.yaml")
+    text = transformers.CLIPTextModel(hf_text_config(32, 2, 2, "gelu"))
+    converted = single_file_utils.convert_open_clip_checkpoint(text, weights, prefix="cond_stage_model.model.")
+    converted = {key: value for key, value in converted.items()  # drop the last block and the projection
+                 if not key.startswith("text_projection") and ".layers.2." not in key}
+    text.load_state_dict(for_transformers(text, converted), strict=True)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder), pad_token="!", model_max_length=77)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_checkpoints, tmp_path_factory, hf_vocabulary) -> dict[str, Path]:
+    """{"v1", "v1-bin", "v1-sharded", "v1-fp16", "v2-v", "xl", "ssd1b"}: diffusers folders."""
+    root = tmp_path_factory.mktemp("diffusers-folders")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(hf_vocabulary / name, root / name)
+    made = {}
+    v1 = diffusers_pipeline(tiny_checkpoints["v1", ".safetensors"], root, DDIMScheduler(**DDIM))
+    for name, options in (("v1", {}), ("v1-bin", {"safe_serialization": False}),
+                          ("v1-sharded", {"max_shard_size": "40KB"})):
+        v1.save_pretrained(root / name, **options)
+        made[name] = root / name
+    v1.to(torch.float16).save_pretrained(root / "v1-fp16", variant="fp16")
+    made["v1-fp16"] = root / "v1-fp16"
+    v2 = _v2_pipeline(tiny_checkpoints["v2", ".safetensors"], root,
+                      DDIMScheduler(prediction_type="v_prediction", **DDIM))
+    v2.save_pretrained(root / "v2-v")
+    made["v2-v"] = root / "v2-v"
+    for family in ("xl", "ssd1b"):
+        checkpoint = make_tiny_xl_checkpoint(root / f"{family}.safetensors", family, seed=4)
+        parts = diffusers_parts(checkpoint, family, hf_vocabulary)
+        StableDiffusionXLPipeline(**parts, scheduler=DDIMScheduler(**DDIM)).save_pretrained(
+            root / family)
+        made[family] = root / family
+        made[family + "-checkpoint"] = checkpoint
+    return made
+
+
+def _same_weights(ours: torch.nn.Module, reference: torch.nn.Module, skip: tuple[str, ...] = ()) -> None:
+    expected = reference.state_dict()
+    for key, value in ours.state_dict().items():
+        if key.startswith(skip):
+            continue
+        assert torch.equal(value, expected[key].to(value.dtype)), key
+
+
+@pytest.mark.parametrize("name", ["v1", "v1-bin", "v1-sharded", "v1-fp16"])
+def test_sd1_folders_read_back_every_weight(folders, tiny_checkpoints, name):
+    """safetensors, .bin (through the weights-only loader), sharded and fp16-variant folders: the model equals the
+    single file the folder was made from (the fp16 one to fp16 rounding)."""
+    config = resolve_config(folders[name])
+    assert isinstance(config, DerivedConfig) and config.name == "v1-inference.yaml"
+    model = load_model(folders[name])
+    reference = load_model(tiny_checkpoints["v1", ".safetensors"], TEST_CONFIGS / "tiny-v1.yaml")
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    if name == "v1-fp16":
+        for parameter in reference.parameters():
+            parameter.data = parameter.data.half().float()
+    _same_weights(model, reference)
+    assert model.parameterization == "eps" and model.scale_factor == reference.scale_factor
+
+
+def test_xl_and_ssd1b_folders_read_back_every_weight(folders):
+    for family in ("xl", "ssd1b"):
+        model = load_model(folders[family])
+        reference = load_model(folders[family + "-checkpoint"], TEST_CONFIGS / f"tiny-{family}.yaml")
+        assert model.state_dict().keys() == reference.state_dict().keys()
+        _same_weights(model, reference, skip=("conditioner.embedders.1.model.logit_scale",))  # not in folders
+        unet = model.model.diffusion_model
+        assert UNetLayout.from_unet(unet) == UNetLayout.from_config(
+            json.loads((folders[family] / "unet" / "config.json").read_text()))
+
+
+def test_v2_folder_takes_v_prediction_from_its_scheduler(folders, tiny_checkpoints):
+    """SD 2.x: the scheduler's prediction_type chooses the v config; diffusers' 2-block tower is SD 2.x's
+    penultimate layer of the 3-block original, so the conditioning equals the original file's."""
+    config = resolve_config(folders["v2-v"])
+    assert config.name == "v2-inference-v.yaml"
+    model = load_model(folders["v2-v"])
+    assert model.parameterization == "v"
+    original = load_model(tiny_checkpoints["v2", ".safetensors"], TEST_CONFIGS / "tiny-v2.yaml")
+    torch.testing.assert_close(model.get_learned_conditioning([PROMPT]), original.get_learned_conditioning([PROMPT]),
+                               atol=1e-6, rtol=0)
+    assert load_model(folders["v2-v"], v_prediction=False).parameterization == "eps"  # a flag wins
+
+
+@pytest.mark.parametrize("name", ["v1", "v2-v", "xl", "ssd1b"])
+@torch.no_grad()
+def test_same_image_as_diffusers_pipeline_from_the_same_folder(folders, name):
+    """The folder loaded by diffusers (`from_pretrained`, its own DDIM scheduler) and by us (DDIM, CompVis' uniform
+    steps, which are diffusers' "leading" + steps_offset 1), the same starting noise: the same image."""
+    folder = folders[name]
+    xl = name in ("xl", "ssd1b")
+    pipeline_class = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    pipe = pipeline_class.from_pretrained(str(folder), **({} if xl else {"safety_checker": None}))
+    pipe.set_progress_bar_config(disable=True)
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=STEPS,
+                     guidance_scale=SCALE, latents=x_T.clone(), output_type="pt").images
+    model = load_model(folder)
+    extra = dict(original_size=(64, 64), target_size=(64, 64)) if xl else {}
+    cond = model.get_learned_conditioning([PROMPT], **extra)
+    uncond = (model.get_unconditional_conditioning([NEGATIVE], **extra) if xl
+              else model.get_learned_conditioning([NEGATIVE]))
+    latents = sample(model, "ddim", STEPS, x_T.shape, cond, uncond, SCALE, ImageNoise([1]), x_T=x_T.clone(),
+                     disable=True)
+    ours = ((model.decode_first_stage(latents) + 1) / 2).clamp(0, 1)
+    assert reference.std() > 0.01
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+    assert (ours * 255).round().sub((reference * 255).round()).abs().max() <= 1  # images equal to 1/255
+
+
+def test_txt2img_runs_a_folder_without_config(folders, tmp_path):
+    from PIL import Image
+
+    from ldm.cli.txt2img import main
+
+    outdir = tmp_path / "out"
+    status = main(["--ckpt", str(folders["ssd1b"]), "--prompt", "a lighthouse", "--H", "64", "--W", "64",
+                   "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--seed", "3", "--outdir", str(outdir),
+                   "--skip_grid"])
+    assert status == 0
+    saved = sorted((outdir / "samples").glob("*.png"))
+    assert len(saved) == 1
+    image = Image.open(saved[0])
+    assert np.array(image.convert("RGB")).std() > 1
+    assert f"Model hash: {checkpoint_hash(folders['ssd1b'])}" in image.text["parameters"]
+    assert checkpoint_hash(folders["ssd1b"]) == hashlib.sha256(
+        (folders["ssd1b"] / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:10]
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    target = tmp_path / folder.name
+    shutil.copytree(folder, target)
+    return target
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_folder_mistakes_are_refused_in_one_line(folders, tmp_path, capsys):
+    from ldm.cli.txt2img import main
+
+    cases = {}
+    missing = _copy(folders["v1"], tmp_path / "missing")
+    (missing / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    cases["missing"] = (missing, "holds no weights")
+    escaping = _copy(folders["v1-sharded"], tmp_path / "escaping")
+    index = escaping / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {key: "../../outside.safetensors" for key in data["weight_map"]}
+    index.write_text(json.dumps(data))
+    cases["escaping"] = (escaping, "outside its folder")
+    lcm = _copy(folders["v1"], tmp_path / "lcm")
+    _edit_json(lcm / "unet" / "config.json", time_cond_proj_dim=256)
+    cases["lcm"] = (lcm, "guidance embedding")
+    zero_snr = _copy(folders["v1"], tmp_path / "zero-snr")
+    _edit_json(zero_snr / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True)
+    cases["zero-snr"] = (zero_snr, "rescale_betas_zero_snr")
+    broken = _copy(folders["v1"], tmp_path / "broken")
+    (broken / "vae" / "config.json").write_text("{not json")
+    cases["broken"] = (broken, "cannot read")
+    huge = _copy(folders["v1"], tmp_path / "huge")
+    (huge / "unet" / "config.json").write_bytes(b" " * (5 << 20))
+    cases["huge"] = (huge, "is 5242880 bytes")
+    plain = tmp_path / "plain-folder"
+    plain.mkdir()
+    cases["plain"] = (plain, "without model_index.json")
+    for name, (folder, message) in cases.items():
+        if name != "plain":
+            with pytest.raises(LoadError, match=message):
+                load_model(folder)
+        status = main(["--ckpt", str(folder), "--prompt", "x", "--outdir", str(tmp_path / f"out-{name}"),
+                       "--ddim_steps", "1"])
+        error = capsys.readouterr().err.strip()
+        assert status == 2 and message in error and len(error.splitlines()) == 1, (name, error)
+        assert not (tmp_path / f"out-{name}" / "samples").exists() or not any(
+            (tmp_path / f"out-{name}" / "samples").iterdir())
+
+
+def test_folder_config_values_come_from_the_folder(folders):
+    config = load_config(resolve_config(folders["xl"]))
+    params = config.model.params
+    assert params.scale_factor == json.loads((folders["xl"] / "vae" / "config.json").read_text())["scaling_factor"]
+    assert params.network_config.params.model_channels == 32
+    assert params.conditioner_config.params.emb_models[1].params.embed_dim == 16
