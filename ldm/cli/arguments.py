@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--config", type=str, default=None,
         help="path to the config which constructs the model (default: the released config that fits the "
              "checkpoint's weights)")
-    add("--ckpt", type=str, default=DEFAULT_CKPT, help="path to the checkpoint (.ckpt or .safetensors) or a diffusers model folder")
+    add("--ckpt", type=str, default=DEFAULT_CKPT,
+        help="path to the checkpoint (.ckpt or .safetensors) or a diffusers model folder")
     add("--seed", type=int, default=42, help="the seed of the run's first image (0..4294967295)")
     add("--precision", type=str, choices=PRECISIONS, default=None,
         help="evaluate at this precision: autocast/fp16 = half precision on GPUs (fp32 on the CPU), full = fp32 "
