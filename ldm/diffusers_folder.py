@@ -28,6 +28,7 @@ WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mod
                 "text_encoder_2": "model"}
 # diffusers' schedule names -> CompVis' (`make_beta_schedule`): its "scaled_linear" is CompVis' "linear"
 BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear"}
+INPAINTING_CHANNELS = 9  # latents, mask, masked image
 TEXT_ACTIVATIONS = {"v1": "quick_gelu", "v2": "gelu", "xl-base": "quick_gelu"}  # OpenAI CLIP vs OpenCLIP towers
 
 
@@ -62,10 +63,22 @@ class DiffusersFolder:
     path: Path
     configs: dict[str, dict[str, Any]] = field(repr=False)
     scheduler: dict[str, Any] = field(repr=False)
+    index: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
     def family(self) -> str:
-        """"v1", "v2", "xl-base" or "xl-refiner", from the text encoders the folder holds."""
+        """"v1", "v2", "xl-base" or "xl-refiner", from the text encoders the folder holds, with "-inpainting" for
+        SD 1.x/2.x UNets that also take the mask and the masked image (9 input channels)."""
+        family = self._text_family
+        if int(self.configs["unet"].get("in_channels", 4)) == INPAINTING_CHANNELS:
+            if family.startswith("xl"):
+                raise FolderError(f"{self.path}/unet takes 9 input channels (SDXL inpainting), which is not "
+                                  "supported: use an SD 1.x/2.x inpainting model, or SDXL base with scripts/inpaint.py")
+            family += "-inpainting"
+        return family
+
+    @property
+    def _text_family(self) -> str:
         encoders = [name for name in ("text_encoder", "text_encoder_2") if name in self.configs]
         if encoders == ["text_encoder", "text_encoder_2"]:
             return "xl-base"
@@ -87,17 +100,19 @@ class DiffusersFolder:
         return self.scheduler.get("prediction_type", "epsilon") == "v_prediction"
 
     def weights_file(self, component: str) -> Path:
-        """The component's weights: full precision before the fp16 variant, safetensors before pickles, a single
-        file before a sharded index."""
-        folder = self.path / component
-        stem = WEIGHT_STEMS[component]
-        for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors",
-                     f"{stem}.safetensors.index.fp16.json", f"{stem}.bin", f"{stem}.bin.index.json",
-                     f"{stem}.fp16.bin", f"{stem}.bin.index.fp16.json"):
-            if (folder / name).is_file():
-                return folder / name
-        raise FolderError(f"{folder} holds no weights ({stem}.safetensors or {stem}.bin): the diffusers folder is "
-                          "incomplete")
+        return weights_file(self.path / component, WEIGHT_STEMS[component])
+
+
+def weights_file(folder: Path, stem: str) -> Path:
+    """A component folder's weights: full precision before the fp16 variant, safetensors before pickles, a single
+    file before a sharded index."""
+    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors",
+                 f"{stem}.safetensors.index.fp16.json", f"{stem}.bin", f"{stem}.bin.index.json",
+                 f"{stem}.fp16.bin", f"{stem}.bin.index.fp16.json"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FolderError(f"{folder} holds no weights ({stem}.safetensors or {stem}.bin): the diffusers folder is "
+                      "incomplete")
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,7 +129,7 @@ def _read_folder(path: Path, mtime_ns: int) -> DiffusersFolder:
                               f"(its pipeline is {index.get('_class_name', 'unnamed')})")
     scheduler = read_json(path / "scheduler" / "scheduler_config.json") if (
         path / "scheduler" / "scheduler_config.json").is_file() else {}
-    return DiffusersFolder(path, configs, scheduler)
+    return DiffusersFolder(path, configs, scheduler, index)
 
 
 def read_folder(path: str | os.PathLike) -> DiffusersFolder:
@@ -161,7 +176,7 @@ def _text_layers(config: Mapping[str, Any]) -> int:
 
 def folder_state_dict(folder: DiffusersFolder, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """The folder's weights under the released checkpoints' keys (see ldm.diffusers_names)."""
-    family, configs = folder.family, folder.configs
+    family, configs = folder.family.removesuffix("-inpainting"), folder.configs
     weights = {name: read_component(folder.weights_file(name), shapes_only) for name in configs}
     try:
         state_dict = prefixed(unet_state_dict(weights["unet"], UNetLayout.from_config(configs["unet"])),
@@ -224,7 +239,7 @@ def folder_overrides(folder: DiffusersFolder, unet_params: Mapping[str, Any]) ->
     (`unet_params`, read from its weights) and heads, the text encoders' and autoencoder's sizes, the latent scale,
     the noise schedule and the prediction type."""
     _refuse_unsupported(folder)
-    family, configs, scheduler = folder.family, folder.configs, folder.scheduler
+    family, configs, scheduler = folder.family.removesuffix("-inpainting"), folder.configs, folder.scheduler
     root, xl = "model.params.", family.startswith("xl")
     unet_root = f"{root}{'network_config' if xl else 'unet_config'}.params."
     overrides = {unet_root + name: value for name, value in {**unet_params, **_heads(configs["unet"])}.items()}
@@ -251,6 +266,8 @@ def folder_overrides(folder: DiffusersFolder, unet_params: Mapping[str, Any]) ->
                           denoiser + "discretization_config.params.num_timesteps": steps})
         if folder.v_prediction:
             overrides[denoiser + "scaling_config.target"] = "sgm.modules.diffusionmodules.denoiser_scaling.VScaling"
+        if isinstance(folder.index.get("force_zeros_for_empty_prompt"), bool):
+            overrides[root + "force_zeros_for_empty_prompt"] = folder.index["force_zeros_for_empty_prompt"]
     else:
         overrides.update({root + "linear_start": start, root + "linear_end": end, root + "timesteps": steps,
                           root + "beta_schedule": schedule, root + "image_size": folder.sample_size,
@@ -260,7 +277,7 @@ def folder_overrides(folder: DiffusersFolder, unet_params: Mapping[str, Any]) ->
 
 
 def _text_overrides(folder: DiffusersFolder) -> dict[str, Any]:
-    family, configs = folder.family, folder.configs
+    family, configs = folder.family.removesuffix("-inpainting"), folder.configs
     emb = "model.params.conditioner_config.params.emb_models."
     places = {"v1": [("text_encoder", "model.params.cond_stage_config.params.")],
               "v2": [("text_encoder", "model.params.cond_stage_config.params.")],

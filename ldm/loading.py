@@ -19,8 +19,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ldm.checkpoints import CheckpointError, PageReleaser, model_hash, read_checkpoint, read_layout, read_shapes
-from ldm.diffusers_folder import (FolderError, folder_hash, folder_overrides, folder_state_dict, is_diffusers_folder,
-                                  read_folder)
+from ldm.diffusers_folder import (WEIGHT_STEMS, FolderError, folder_hash, folder_overrides, folder_state_dict,
+                                  is_diffusers_folder, read_component, read_folder)
+from ldm.diffusers_folder import weights_file as diffusers_weights_file
+from ldm.diffusers_names import vae_state_dict
 from ldm.util import check_numbers, find_interpolation, instantiate_from_config, to_plain
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
@@ -48,6 +50,7 @@ ADVICE = {
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 XL_TEXT = "conditioner.embedders."
 EMA = "model_ema."
+DIFFUSERS_VAE = "encoder.down_blocks."  # how a VAE file in diffusers' names starts
 TEXT_TO_IMAGE_CHANNELS, INPAINTING_CHANNELS = 4, 9  # inpainting UNets also take the mask (1) and masked image (4)
 UPSCALER_CHANNELS = 7  # the x4 upscaler's UNet also takes the low-resolution RGB image (3)
 LOW_SCALE = "low_scale_model."  # the x4 upscaler's noise augmentation: schedule buffers only
@@ -130,7 +133,8 @@ def _sdxl_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
                     "--config")
 
 
-OPEN_CLIP = re.compile(r"^((?:conditioner\.embedders\.\d+|cond_stage_model)\.model\.)(text_projection\.weight|text_projection)$")
+OPEN_CLIP = re.compile(r"^((?:conditioner\.embedders\.\d+|cond_stage_model)\.model\.)"
+                       r"(text_projection\.weight|text_projection)$")
 INITIAL_LOGIT_SCALE = math.log(1 / 0.07)  # OpenCLIP's initial temperature
 
 
@@ -348,7 +352,7 @@ def folder_config(folder_path: str | os.PathLike, v_prediction: bool | None = No
         family = folder.family
         v = folder.v_prediction if v_prediction is None else v_prediction
         if family == "v2" and v:
-            family = "v2-v"
+            family = "v2-v"  # (SD 2 inpainting is eps; a v one takes its parameterization from the overrides)
         overrides = folder_overrides(folder, unet_params_from_shapes(shapes))
         if family.startswith("xl"):  # the size embedders' widths too, then the folder's own values
             overrides = {**sdxl_params_from_shapes(normalise_text_layout(shapes), family), **overrides}
@@ -491,18 +495,28 @@ def read_weights(path: str | os.PathLike, shapes_only: bool = False) -> dict[str
 
 def merge_vae(state_dict: dict[str, torch.Tensor], vae_path: str | os.PathLike,
               shapes_only: bool = False) -> dict[str, torch.Tensor]:
-    """Replace the autoencoder weights with those of a separate VAE file (CompVis key layout, prefixed or not)."""
+    """Replace the autoencoder weights with those of a separate VAE: a file in the CompVis key layout (prefixed or
+    not) or in diffusers' names, a diffusers VAE folder, or a whole diffusers model folder (its vae/)."""
     try:
-        vae = read_weights(vae_path, shapes_only)
-    except CheckpointError as error:
+        if os.path.isdir(vae_path):  # a diffusers VAE folder (config.json, diffusion_pytorch_model.*)
+            folder = Path(vae_path) / "vae" if is_diffusers_folder(vae_path) else Path(vae_path)
+            vae = read_component(diffusers_weights_file(folder, WEIGHT_STEMS["vae"]), shapes_only)
+        else:
+            vae = read_weights(vae_path, shapes_only)
+    except (CheckpointError, FolderError) as error:
         raise LoadError(f"--vae: {error}") from None
+    if any(key.startswith(DIFFUSERS_VAE) for key in vae):  # diffusers' names (sdxl-vae-fp16-fix and many others)
+        levels = len({key.split(".")[2] for key in vae if key.startswith(DIFFUSERS_VAE)})
+        try:
+            vae = vae_state_dict(vae, levels)
+        except KeyError as error:
+            raise LoadError(f"--vae {vae_path}: {error.args[0]}") from None
     if any(key.startswith(VAE) for key in vae):  # a whole checkpoint, or a VAE saved with its prefix: its autoencoder
         vae = {key: value for key, value in vae.items() if key.startswith(VAE)}
     vae = {(key if key.startswith(VAE) else VAE + key): value for key, value in vae.items()
            if not key.startswith(("loss.", "model_ema.", "first_stage_model.loss."))}
     if not any(key.startswith(VAE + "decoder.") for key in vae):
-        hint = " (diffusers-format VAEs are not supported)" if any("up_blocks" in k for k in vae) else ""
-        raise LoadError(f"--vae {vae_path} holds no autoencoder weights (decoder.*){hint}")
+        raise LoadError(f"--vae {vae_path} holds no autoencoder weights (decoder.*)")
     merged = {key: value for key, value in state_dict.items() if not key.startswith(VAE)}
     merged.update(vae)
     return merged

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from checkpoint_factory import TEST_CONFIGS, make_tiny_xl_checkpoint
+from checkpoint_factory import TEST_CONFIGS, make_tiny_checkpoint, make_tiny_xl_checkpoint, write_checkpoint
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders import single_file_utils
 from reference_sd import NEGATIVE, PROMPT, SCHEDULE, diffusers_pipeline, diffusers_unet_and_vae
@@ -225,3 +225,45 @@ def test_folder_config_values_come_from_the_folder(folders):
     assert params.scale_factor == json.loads((folders["xl"] / "vae" / "config.json").read_text())["scaling_factor"]
     assert params.network_config.params.model_channels == 32
     assert params.conditioner_config.params.emb_models[1].params.embed_dim == 16
+
+
+def test_inpainting_folder_uses_the_inpainting_config(tmp_path, hf_vocabulary):
+    checkpoint = make_tiny_checkpoint(tmp_path / "inpainting.safetensors", "v1-inpainting", seed=2)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(hf_vocabulary / name, tmp_path / name)
+    pipe = diffusers_pipeline(checkpoint, tmp_path, DDIMScheduler(**DDIM), config="tiny-v1-inpainting.yaml")
+    pipe.save_pretrained(tmp_path / "folder")
+    assert resolve_config(tmp_path / "folder").name == "v1-inpainting-inference.yaml"
+    model = load_model(tmp_path / "folder")
+    _same_weights(model, load_model(checkpoint, TEST_CONFIGS / "tiny-v1-inpainting.yaml"))
+
+
+@pytest.mark.parametrize("layout", ["vae-folder", "model-folder", "diffusers-names-file"])
+def test_vae_in_diffusers_layout_replaces_the_checkpoints(tiny_checkpoints, tmp_path, hf_vocabulary, layout):
+    """--vae takes sdxl-vae-fp16-fix style files (diffusers' names in one .safetensors), VAE folders and model
+    folders: the autoencoder becomes exactly the other model's."""
+    other = make_tiny_checkpoint(tmp_path / "other.safetensors", "v1", seed=5)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(hf_vocabulary / name, tmp_path / name)
+    pipe = diffusers_pipeline(other, tmp_path, DDIMScheduler(**DDIM))
+    if layout == "vae-folder":
+        pipe.vae.save_pretrained(tmp_path / "vae")
+        vae = tmp_path / "vae"
+    elif layout == "model-folder":
+        pipe.save_pretrained(tmp_path / "model")
+        vae = tmp_path / "model"
+    else:
+        vae = write_checkpoint({key: value.contiguous() for key, value in pipe.vae.state_dict().items()},
+                               tmp_path / "sdxl_vae.safetensors")
+    model = load_model(tiny_checkpoints["v1", ".safetensors"], TEST_CONFIGS / "tiny-v1.yaml", vae=vae)
+    expected = load_model(other, TEST_CONFIGS / "tiny-v1.yaml").first_stage_model
+    _same_weights(model.first_stage_model, expected)
+    base = load_model(tiny_checkpoints["v1", ".safetensors"], TEST_CONFIGS / "tiny-v1.yaml")
+    _same_weights(model.model, base.model)
+
+
+def test_sdxl_folder_keeps_its_empty_prompt_rule(folders, tmp_path):
+    assert load_model(folders["xl"]).force_zeros_for_empty_prompt is True  # model_index.json says true
+    copy = _copy(folders["xl"], tmp_path)
+    _edit_json(copy / "model_index.json", force_zeros_for_empty_prompt=False)
+    assert load_model(copy).force_zeros_for_empty_prompt is False

@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     # This tool's own.
     add("--sampler", type=str, default=None, help=_sampler_help())
     add("--negative_prompt", type=str, default="", help="what the image should not show (the unconditional prompt)")
-    add("--vae", type=str, default=None, help="a separate autoencoder file whose weights replace the checkpoint's")
+    add("--vae", type=str, default=None,
+        help="a separate autoencoder whose weights replace the checkpoint's: a file (CompVis or diffusers names) or a "
+             "diffusers VAE folder")
     add("--ema", action="store_true", help="use the checkpoint's EMA weights (default: as the config says)")
     add("--v_prediction", action="store_true",
         help="an SD 2.x checkpoint predicts v (default: guessed from '768' in the file name); used without --config")
