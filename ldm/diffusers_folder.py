@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -28,12 +28,28 @@ WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mod
                 "text_encoder_2": "model"}
 # diffusers' schedule names -> CompVis' (`make_beta_schedule`): its "scaled_linear" is CompVis' "linear"
 BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear"}
+MAX_COUNT = 4096  # the most heads or layers a config may state; released models use at most 64
+MAX_TRAIN_STEPS = 10_000  # diffusion training steps a scheduler may state; released models use 1,000
 INPAINTING_CHANNELS = 9  # latents, mask, masked image
 TEXT_ACTIVATIONS = {"v1": "quick_gelu", "v2": "gelu", "xl-base": "quick_gelu"}  # OpenAI CLIP vs OpenCLIP towers
 
 
 class FolderError(Exception):
     """A diffusers folder this package cannot use; the message says why and what to do."""
+
+
+def _config_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` with a config value of the wrong type or form (a string for a count, a number for a list)
+    reported as a FolderError naming the folder, not as a traceback."""
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as error:
+            folder = args[0]
+            raise FolderError(f"{getattr(folder, 'path', folder)}: a value in its config files has the wrong form "
+                              f"({type(error).__name__}: {str(error)[:200]})") from None
+    return checked
 
 
 def is_diffusers_folder(path: str | os.PathLike) -> bool:
@@ -66,6 +82,7 @@ class DiffusersFolder:
     index: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
+    @_config_errors
     def family(self) -> str:
         """"v1", "v2", "xl-base" or "xl-refiner", from the text encoders the folder holds, with "-inpainting" for
         SD 1.x/2.x UNets that also take the mask and the masked image (9 input channels)."""
@@ -91,6 +108,7 @@ class DiffusersFolder:
                           "Diffusion text-to-image model")
 
     @property
+    @_config_errors
     def sample_size(self) -> int:
         """The UNet's latent size, the images' default size / 8 (SD 1.x 64, SD 2.x-768 96, SDXL 128, Turbo 64)."""
         return int(self.configs["unet"].get("sample_size", 64))
@@ -174,6 +192,7 @@ def _text_layers(config: Mapping[str, Any]) -> int:
     return int(config["num_hidden_layers"])
 
 
+@_config_errors
 def folder_state_dict(folder: DiffusersFolder, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """The folder's weights under the released checkpoints' keys (see ldm.diffusers_names)."""
     family, configs = folder.family.removesuffix("-inpainting"), folder.configs
@@ -181,8 +200,7 @@ def folder_state_dict(folder: DiffusersFolder, shapes_only: bool = False) -> dic
     try:
         state_dict = prefixed(unet_state_dict(weights["unet"], UNetLayout.from_config(configs["unet"])),
                               "model.diffusion_model.")
-        state_dict.update(prefixed(vae_state_dict(weights["vae"], len(configs["vae"]["block_out_channels"])),
-                                   "first_stage_model."))
+        state_dict.update(prefixed(vae_state_dict(weights["vae"]), "first_stage_model."))
         if family == "v1":
             state_dict.update(prefixed(hf_text_state_dict(weights["text_encoder"]), "cond_stage_model.transformer."))
         elif family == "v2":
@@ -203,17 +221,34 @@ def folder_state_dict(folder: DiffusersFolder, shapes_only: bool = False) -> dic
     return state_dict
 
 
-def _heads(unet: Mapping[str, Any]) -> dict[str, int]:
+def _heads(unet: Mapping[str, Any], widths: Sequence[int]) -> dict[str, int]:
     """UNetModel's num_heads / num_head_channels from diffusers' `attention_head_dim` (which, despite its name,
-    counts heads: an int for every level, SD 1.x's 8, or one per level, SD 2.x's and SDXL's width / 64)."""
+    counts heads: an int for every level, SD 1.x's 8, or one per level, SD 2.x's and SDXL's width / 64), checked
+    against the levels' widths (read from the weights)."""
     heads = unet.get("num_attention_heads") or unet.get("attention_head_dim", 8)
-    if isinstance(heads, int):
+    if _is_count(heads):
+        if any(width % heads for width in widths):
+            raise FolderError(f"unet/config.json: {heads} heads do not divide the UNet's widths {list(widths)}")
         return {"num_heads": heads, "num_head_channels": -1}
-    widths = {width // count for width, count in zip(unet["block_out_channels"], heads) if count}
-    if len(widths) != 1:
-        raise FolderError(f"unet/config.json: heads {list(heads)} over widths {unet['block_out_channels']} are not "
-                          "one head width, which this package's UNet needs")
-    return {"num_heads": -1, "num_head_channels": widths.pop()}
+    if not isinstance(heads, list) or len(heads) != len(widths) or not all(map(_is_count, heads)):
+        raise FolderError(f"unet/config.json: attention_head_dim {heads!r} is not a head count per level "
+                          f"({len(widths)} levels)")
+    head_widths = {width // count for width, count in zip(widths, heads) if width % count == 0}
+    if len(head_widths) != 1:
+        raise FolderError(f"unet/config.json: heads {heads} over widths {list(widths)} are not one head width, "
+                          "which this package's UNet needs")
+    return {"num_heads": -1, "num_head_channels": head_widths.pop()}
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_COUNT
+
+
+def _number(config: Mapping[str, Any], key: str, default: float, low: float, high: float, where: str) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise FolderError(f"{where}: {key} {value!r} is not a number in {low}..{high}")
+    return value
 
 
 def _refuse_unsupported(folder: DiffusersFolder) -> None:
@@ -234,31 +269,29 @@ def _refuse_unsupported(folder: DiffusersFolder) -> None:
         raise FolderError(f"{folder.path}/vae has a shift_factor: it is not a Stable Diffusion 1.x/2.x/XL autoencoder")
 
 
-def folder_overrides(folder: DiffusersFolder, unet_params: Mapping[str, Any]) -> dict[str, Any]:
-    """Values of the family's released config (dotted paths) that the folder sets: the UNet's structure
-    (`unet_params`, read from its weights) and heads, the text encoders' and autoencoder's sizes, the latent scale,
-    the noise schedule and the prediction type."""
+@_config_errors
+def folder_overrides(folder: DiffusersFolder, structure: Mapping[str, Any]) -> dict[str, Any]:
+    """Values of the family's released config (dotted paths) that only the folder's configs hold, each checked:
+    the UNet's and text encoders' heads, the latent scale, the noise schedule, the prediction type and SDXL's empty
+    prompt rule. `structure`: the overrides read from the weights (`ldm.loading.params_from_shapes`), which give
+    every width; the heads must divide them."""
     _refuse_unsupported(folder)
     family, configs, scheduler = folder.family.removesuffix("-inpainting"), folder.configs, folder.scheduler
     root, xl = "model.params.", family.startswith("xl")
     unet_root = f"{root}{'network_config' if xl else 'unet_config'}.params."
-    overrides = {unet_root + name: value for name, value in {**unet_params, **_heads(configs["unet"])}.items()}
-    vae = configs["vae"]
-    widths = list(vae["block_out_channels"])
-    ddconfig = f"{root}first_stage_config.params.ddconfig."
-    overrides.update({ddconfig + "ch": widths[0], ddconfig + "ch_mult": [width // widths[0] for width in widths],
-                      ddconfig + "num_res_blocks": int(vae.get("layers_per_block", 2)),
-                      ddconfig + "z_channels": int(vae.get("latent_channels", 4)),
-                      f"{root}first_stage_config.params.embed_dim": int(vae.get("latent_channels", 4))})
-    if vae.get("scaling_factor") is not None:
-        overrides[root + "scale_factor"] = float(vae["scaling_factor"])
-    overrides.update(_text_overrides(folder))
-    start, end = float(scheduler.get("beta_start", 0.00085)), float(scheduler.get("beta_end", 0.012))
-    steps = int(scheduler.get("num_train_timesteps", 1000))
+    widths = [structure[unet_root + "model_channels"] * mult for mult in structure[unet_root + "channel_mult"]]
+    overrides = {unet_root + name: value for name, value in _heads(configs["unet"], widths).items()}
+    where = f"{folder.path}/vae/config.json"
+    overrides[root + "scale_factor"] = float(_number(configs["vae"], "scaling_factor", 0.18215, 1e-6, 1e3, where))
+    overrides.update(_text_overrides(folder, structure))
+    where = f"{folder.path}/scheduler/scheduler_config.json"
+    start = float(_number(scheduler, "beta_start", 0.00085, 1e-8, 0.5, where))
+    end = float(_number(scheduler, "beta_end", 0.012, start, 0.999, where))
+    steps = int(_number(scheduler, "num_train_timesteps", 1000, 2, MAX_TRAIN_STEPS, where))
     schedule = BETA_SCHEDULES[scheduler.get("beta_schedule", "scaled_linear")]
     if xl:
         if schedule != "linear":
-            raise FolderError(f"{folder.path}/scheduler: SDXL models here take the scaled_linear beta schedule only")
+            raise FolderError(f"{where}: SDXL models here take the scaled_linear beta schedule only")
         denoiser = f"{root}denoiser_config.params."
         overrides.update({denoiser + "num_idx": steps,
                           denoiser + "discretization_config.params.linear_start": start,
@@ -269,14 +302,16 @@ def folder_overrides(folder: DiffusersFolder, unet_params: Mapping[str, Any]) ->
         if isinstance(folder.index.get("force_zeros_for_empty_prompt"), bool):
             overrides[root + "force_zeros_for_empty_prompt"] = folder.index["force_zeros_for_empty_prompt"]
     else:
+        size = folder.sample_size
         overrides.update({root + "linear_start": start, root + "linear_end": end, root + "timesteps": steps,
-                          root + "beta_schedule": schedule, root + "image_size": folder.sample_size,
-                          unet_root + "image_size": folder.sample_size,
+                          root + "beta_schedule": schedule, root + "image_size": size, unet_root + "image_size": size,
                           root + "parameterization": "v" if folder.v_prediction else "eps"})
     return overrides
 
 
-def _text_overrides(folder: DiffusersFolder) -> dict[str, Any]:
+def _text_overrides(folder: DiffusersFolder, structure: Mapping[str, Any]) -> dict[str, Any]:
+    """The text encoders' heads (checked against their widths), and SD 2.x's layer choice: diffusers stores the 23
+    blocks SD 2.x uses, so all of them, then ln_final, is its "penultimate"."""
     family, configs = folder.family.removesuffix("-inpainting"), folder.configs
     emb = "model.params.conditioner_config.params.emb_models."
     places = {"v1": [("text_encoder", "model.params.cond_stage_config.params.")],
@@ -286,19 +321,17 @@ def _text_overrides(folder: DiffusersFolder) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for component, params in places:
         config = configs[component]
+        where = f"{folder.path}/{component}/config.json"
         activation = config.get("hidden_act", "quick_gelu")
         expected = TEXT_ACTIVATIONS.get(family, "gelu") if component == "text_encoder" else "gelu"
         if activation != expected:
-            raise FolderError(f"{folder.path}/{component}/config.json: hidden_act {activation!r} where this model "
-                              f"family's encoder uses {expected!r}")
-        overrides.update({params + "vocab_size": int(config["vocab_size"]),
-                          params + "width": int(config["hidden_size"]), params + "layers": _text_layers(config),
-                          params + "heads": int(config["num_attention_heads"])})
-        if "projection_dim" in config and component == "text_encoder_2":
-            overrides[params + "embed_dim"] = int(config["projection_dim"])
-        if family == "xl-base" and component == "text_encoder":
-            overrides[params + "layer_idx"] = _text_layers(config) - 1
-    if family == "v2":  # diffusers stores the 23 blocks SD 2.x uses: all of them, then ln_final, is its penultimate
+            raise FolderError(f"{where}: hidden_act {activation!r} where this model family's encoder uses "
+                              f"{expected!r}")
+        heads, width = config.get("num_attention_heads"), structure.get(params + "width")
+        if not _is_count(heads) or width is None or width % heads:
+            raise FolderError(f"{where}: num_attention_heads {heads!r} does not divide the encoder's width {width}")
+        overrides[params + "heads"] = heads
+    if family == "v2":
         params = places[0][1]
         overrides.update({params + "layer": "last", params + "embed_dim": 0})
     return overrides

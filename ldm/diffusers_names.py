@@ -148,9 +148,14 @@ def ldm_vae_name(name: str, levels: int) -> str:
     raise KeyError(f"{name} has no counterpart in this package's autoencoder")
 
 
-def vae_state_dict(weights: Mapping[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+DIFFUSERS_VAE_LEVEL = re.compile(r"^encoder\.down_blocks\.(\d+)\.")
+
+
+def vae_state_dict(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers `AutoencoderKL`'s weights in our names; the mid-block attention's linear layers become the 1x1
-    convolutions ours uses (`[C, C]` -> `[C, C, 1, 1]`, a view)."""
+    convolutions ours uses (`[C, C]` -> `[C, C, 1, 1]`, a view). The number of resolutions, which numbers the
+    decoder's blocks, is read from the encoder's."""
+    levels = len({match.group(1) for match in map(DIFFUSERS_VAE_LEVEL.match, weights) if match})
     converted = {}
     for name, tensor in weights.items():
         ours = ldm_vae_name(name, levels)

@@ -32,7 +32,7 @@ CONFIGS = {"v1": "v1-inference.yaml", "v2": "v2-inference.yaml", "v2-v": "v2-inf
            "x4-upscaler": "x4-upscaling.yaml"}
 # Released SDXL-layout architectures, tried in turn: the first whose model has exactly the checkpoint's keys and shapes
 # is the checkpoint's config. Other SDXL-layout files (fine-tunes of other widths, other distillations) get the first
-# one with the structure and every width read from their keys (`sdxl_params_from_shapes`).
+# one with the structure and every width read from their keys (`params_from_shapes`).
 SDXL_CONFIGS = {"xl-base": ("sd_xl_base.yaml", "ssd-1b.yaml", "segmind-vega.yaml"),
                 "xl-refiner": ("sd_xl_refiner.yaml",)}
 ADVICE = {
@@ -235,48 +235,64 @@ SIZE_EMBEDDERS = {"xl-base": ((2, 3, 4), 6), "xl-refiner": ((1, 2, 3), 5)}
 HEAD_WIDTH = 64  # CLIP ViT-L, OpenCLIP ViT-H and bigG all use 64-wide attention heads
 
 
-def sdxl_params_from_shapes(shapes: Mapping[str, tuple[int, ...]], family: str) -> dict[str, Any]:
-    """Overrides of an SDXL config (dotted paths under `model.params`) that give it the checkpoint's UNet structure
-    and every width: the UNet's (`unet_params_from_shapes`), the text encoders' (width, layers, vocabulary,
-    projection; heads of 64 channels, the hidden layer before the last) and the autoencoder's."""
+def _text_params(shapes: Mapping[str, tuple[int, ...]], prefix: str, params: str) -> dict[str, Any]:
+    """Overrides for the text encoder whose weights are under `prefix` (a CLIP `transformer.` or an OpenCLIP
+    `model.` tower), as parameters under `params`: width, layers, vocabulary and projection; heads of 64 channels
+    (every released tower), and for CLIP in SDXL's place the hidden layer before the last."""
+    clip, open_clip = prefix + "transformer.text_model.", prefix + "model."
+    if clip + "embeddings.token_embedding.weight" in shapes:
+        vocab_size, width = _shape(shapes, clip + "embeddings.token_embedding.weight")
+        layers = _numbered(shapes, clip + "encoder.layers.")
+        overrides = {params + "vocab_size": vocab_size, params + "width": width, params + "layers": layers,
+                     params + "heads": max(1, width // HEAD_WIDTH)}
+        if prefix.startswith(XL_TEXT):
+            overrides[params + "layer_idx"] = layers - 1
+        return overrides
+    if open_clip + "token_embedding.weight" in shapes:
+        vocab_size, width = _shape(shapes, open_clip + "token_embedding.weight")
+        return {params + "vocab_size": vocab_size, params + "width": width,
+                params + "layers": _numbered(shapes, open_clip + "transformer.resblocks."),
+                params + "heads": max(1, width // HEAD_WIDTH),
+                params + "embed_dim": _shape(shapes, open_clip + "text_projection")[1]}
+    return {}
+
+
+def _vae_params(shapes: Mapping[str, tuple[int, ...]], root: str) -> dict[str, Any]:
+    if VAE + "encoder.conv_in.weight" not in shapes:
+        return {}
+    ch = _shape(shapes, VAE + "encoder.conv_in.weight")[0]
+    levels = _numbered(shapes, VAE + "encoder.down.")
+    ddconfig = f"{root}first_stage_config.params.ddconfig."
+    return {ddconfig + "ch": ch,
+            ddconfig + "ch_mult": [_shape(shapes, f"{VAE}encoder.down.{level}.block.0.conv2.weight")[0] // ch
+                                   for level in range(levels)],
+            ddconfig + "num_res_blocks": _numbered(shapes, VAE + "encoder.down.0.block."),
+            ddconfig + "z_channels": _shape(shapes, VAE + "decoder.conv_in.weight")[1],
+            f"{root}first_stage_config.params.embed_dim": _shape(shapes, VAE + "post_quant_conv.weight")[1]}
+
+
+def params_from_shapes(shapes: Mapping[str, tuple[int, ...]], family: str) -> dict[str, Any]:
+    """Overrides of a family's released config (dotted paths under `model.params`) that give it the checkpoint's
+    UNet structure and every width: the UNet's (`unet_params_from_shapes`), the text encoders' (`_text_params`), for
+    SDXL the size embedders' (what the UNet's vector input leaves after the pooled text) and the autoencoder's."""
     root = "model.params."
-    overrides = {f"{root}network_config.params.{name}": value
+    xl = family.startswith("xl")
+    overrides = {f"{root}{'network_config' if xl else 'unet_config'}.params.{name}": value
                  for name, value in unet_params_from_shapes(shapes).items()}
-    pooled = 0
+    overrides.update(_vae_params(shapes, root))
+    if not xl:
+        overrides.update(_text_params(shapes, TEXT, f"{root}cond_stage_config.params."))
+        return overrides
     for index in range(_numbered(shapes, XL_TEXT)):
-        params = f"{root}conditioner_config.params.emb_models.{index}.params."
-        clip = f"{XL_TEXT}{index}.transformer.text_model."
-        open_clip = f"{XL_TEXT}{index}.model."
-        if clip + "embeddings.token_embedding.weight" in shapes:
-            vocab_size, width = _shape(shapes, clip + "embeddings.token_embedding.weight")
-            layers = _numbered(shapes, clip + "encoder.layers.")
-            overrides.update({params + "vocab_size": vocab_size, params + "width": width,
-                              params + "layers": layers, params + "heads": max(1, width // HEAD_WIDTH),
-                              params + "layer_idx": layers - 1})
-        elif open_clip + "token_embedding.weight" in shapes:
-            vocab_size, width = _shape(shapes, open_clip + "token_embedding.weight")
-            embed_dim = _shape(shapes, open_clip + "text_projection")[1]
-            pooled += embed_dim
-            overrides.update({params + "vocab_size": vocab_size, params + "width": width,
-                              params + "layers": _numbered(shapes, open_clip + "transformer.resblocks."),
-                              params + "heads": max(1, width // HEAD_WIDTH), params + "embed_dim": embed_dim})
+        overrides.update(_text_params(shapes, f"{XL_TEXT}{index}.",
+                                      f"{root}conditioner_config.params.emb_models.{index}.params."))
+    pooled = sum(value for key, value in overrides.items() if key.endswith(".embed_dim") and "emb_models" in key)
     indices, numbers = SIZE_EMBEDDERS[family]
     adm_in_channels = overrides.get(f"{root}network_config.params.adm_in_channels")
     if adm_in_channels is not None and pooled and (adm_in_channels - pooled) % numbers == 0:
         for index in indices:
             overrides[f"{root}conditioner_config.params.emb_models.{index}.params.outdim"] = \
                 (adm_in_channels - pooled) // numbers
-    if VAE + "encoder.conv_in.weight" in shapes:
-        ch = _shape(shapes, VAE + "encoder.conv_in.weight")[0]
-        levels = _numbered(shapes, VAE + "encoder.down.")
-        ddconfig = f"{root}first_stage_config.params.ddconfig."
-        overrides.update({
-            ddconfig + "ch": ch,
-            ddconfig + "ch_mult": [_shape(shapes, f"{VAE}encoder.down.{level}.block.0.conv2.weight")[0] // ch
-                                   for level in range(levels)],
-            ddconfig + "num_res_blocks": _numbered(shapes, VAE + "encoder.down.0.block."),
-            ddconfig + "z_channels": _shape(shapes, VAE + "decoder.conv_in.weight")[1],
-            f"{root}first_stage_config.params.embed_dim": _shape(shapes, VAE + "post_quant_conv.weight")[1]})
     return overrides
 
 
@@ -294,7 +310,7 @@ def _released_shapes(name: str) -> dict[str, tuple[int, ...]]:
 
 def sdxl_config(family: str, shapes: Mapping[str, tuple[int, ...]]) -> Path:
     """The released config (`SDXL_CONFIGS`) whose model has exactly the checkpoint's keys and shapes; otherwise the
-    family's first, with the structure and widths read from the keys (`sdxl_params_from_shapes`)."""
+    family's first, with the structure and widths read from the keys (`params_from_shapes`)."""
     shapes = normalise_text_layout(shapes)
     wanted = _loadable_shapes(shapes)
     names = SDXL_CONFIGS[family]
@@ -304,7 +320,7 @@ def sdxl_config(family: str, shapes: Mapping[str, tuple[int, ...]]) -> Path:
     base = CONFIG_DIR / names[0]
     if not base.is_file():
         raise LoadError(f"the released config {base} is missing: pass --config")
-    return derived_config(base, sdxl_params_from_shapes(shapes, family))
+    return derived_config(base, params_from_shapes(shapes, family))
 
 
 def looks_like_v_prediction(ckpt_path: str | os.PathLike) -> bool:
@@ -353,9 +369,8 @@ def folder_config(folder_path: str | os.PathLike, v_prediction: bool | None = No
         v = folder.v_prediction if v_prediction is None else v_prediction
         if family == "v2" and v:
             family = "v2-v"  # (SD 2 inpainting is eps; a v one takes its parameterization from the overrides)
-        overrides = folder_overrides(folder, unet_params_from_shapes(shapes))
-        if family.startswith("xl"):  # the size embedders' widths too, then the folder's own values
-            overrides = {**sdxl_params_from_shapes(normalise_text_layout(shapes), family), **overrides}
+        structure = params_from_shapes(normalise_text_layout(shapes), folder.family)  # widths from the weights
+        overrides = {**structure, **folder_overrides(folder, structure)}  # then what only the folder's configs say
     except FolderError as error:
         raise LoadError(str(error)) from None
     if v_prediction is not None and family.startswith("v"):
@@ -506,9 +521,8 @@ def merge_vae(state_dict: dict[str, torch.Tensor], vae_path: str | os.PathLike,
     except (CheckpointError, FolderError) as error:
         raise LoadError(f"--vae: {error}") from None
     if any(key.startswith(DIFFUSERS_VAE) for key in vae):  # diffusers' names (sdxl-vae-fp16-fix and many others)
-        levels = len({key.split(".")[2] for key in vae if key.startswith(DIFFUSERS_VAE)})
         try:
-            vae = vae_state_dict(vae, levels)
+            vae = vae_state_dict(vae)
         except KeyError as error:
             raise LoadError(f"--vae {vae_path}: {error.args[0]}") from None
     if any(key.startswith(VAE) for key in vae):  # a whole checkpoint, or a VAE saved with its prefix: its autoencoder

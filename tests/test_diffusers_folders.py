@@ -204,6 +204,15 @@ def test_folder_mistakes_are_refused_in_one_line(folders, tmp_path, capsys):
     huge = _copy(folders["v1"], tmp_path / "huge")
     (huge / "unet" / "config.json").write_bytes(b" " * (5 << 20))
     cases["huge"] = (huge, "is 5242880 bytes")
+    for name, component, changes, message in (
+            ("heads", "text_encoder/config.json", {"num_attention_heads": "many"}, "does not divide"),
+            ("unet-heads", "unet/config.json", {"attention_head_dim": 10 ** 9}, "is not a head count per level"),
+            ("steps", "scheduler/scheduler_config.json", {"num_train_timesteps": 10 ** 9}, "is not a number in"),
+            ("channels", "unet/config.json", {"in_channels": "four"}, "has the wrong form"),
+            ("scale", "vae/config.json", {"scaling_factor": float("nan")}, "scaling_factor nan")):
+        folder = _copy(folders["v1"], tmp_path / name)
+        _edit_json(folder / component, **changes)
+        cases[name] = (folder, message)
     plain = tmp_path / "plain-folder"
     plain.mkdir()
     cases["plain"] = (plain, "without model_index.json")
