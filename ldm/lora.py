@@ -1,10 +1,11 @@
-"""Apply a kohya-style LoRA file to a loaded model by merging it into the weights: W += m * alpha / rank * up @ down.
+"""Apply a LoRA file to a loaded model by merging it into the weights: W += m * alpha / rank * up @ down.
 
 Module names are kohya's, as sd-scripts, A1111 and ComfyUI write them:
 - `lora_unet_` + a path under `model.diffusion_model` with dots as underscores
-  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, what kohya's SDXL scripts write). Kohya's SD 1.x/2.x
-  files name the attention blocks as diffusers does (`lora_unet_down_blocks_0_attentions_0_...`, also found in
-  diffusers-trained SDXL LoRAs converted to kohya's format); those block names are translated to the UNet's own.
+  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, what kohya's SDXL scripts write), or the same with
+  diffusers' block names (`lora_unet_down_blocks_1_attentions_0_...`, `lora_unet_down_blocks_0_resnets_0_conv1`,
+  `..._downsamplers_0_conv`, `lora_unet_time_embedding_linear_1`, `lora_unet_conv_in`: kohya's SD 1.x/2.x files,
+  and LCM-LoRA's), translated to the UNet's own by `ldm.diffusers_names`.
 - the text encoders in Hugging Face CLIP names (`..._text_model_encoder_layers_0_self_attn_q_proj`, `_mlp_fc1`):
   `lora_te_` for a model with one text encoder (SD 1.x CLIP, SD 2.x OpenCLIP ViT-H, the SDXL refiner's OpenCLIP
   bigG), `lora_te1_` / `lora_te2_` for SDXL base's CLIP ViT-L / OpenCLIP bigG. On an OpenCLIP tower `q/k/v_proj`
@@ -12,9 +13,16 @@ Module names are kohya's, as sd-scripts, A1111 and ComfyUI write them:
   `mlp.c_fc` / `mlp.c_proj`.
 Each module has `.lora_down.weight`, `.lora_up.weight` and optionally `.alpha` (default: the rank). Linear layers,
 1x1 convolutions and kxk convolutions (LoCon: a kxk down and a 1x1 up) are supported.
+
+diffusers' and PEFT's files are read into those names first (`kohya_state_dict`): `unet.` / `text_encoder.` /
+`text_encoder_2.` + a diffusers module path, with `lora_A.weight` / `lora_B.weight` (PEFT, as
+`save_lora_weights` writes them) or `lora.down.weight` / `lora.up.weight`, and `.alpha` where given; a PEFT file's
+`lora_alpha` and `alpha_pattern` come from the `lora_adapter_metadata` diffusers stores in the safetensors header
+(without it, alpha is the rank, as diffusers assumes).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -25,6 +33,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoints import CheckpointError, read_checkpoint
+from ldm.diffusers_names import UNetLayout, ldm_unet_name
 from ldm.modules.encoders.clip_text import CLIPTextModel
 from ldm.modules.encoders.open_clip_text import OpenCLIPTextTransformer
 
@@ -33,9 +42,18 @@ TEXT_ENCODER_PREFIX = "lora_te_"
 KOHYA_MODULE = re.compile(r"^lora_(?:unet|te\d*)_")
 TEXT_ENCODER_MODULE = re.compile(r"^lora_te\d*_")
 PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
-# diffusers' names of the UNet's attention blocks, in kohya's underscore spelling
-DIFFUSERS_ATTENTION = re.compile(r"^lora_unet_(?:down_blocks_(\d+)_attentions_(\d+)|(mid_block_attentions_0)"
-                                 r"|up_blocks_(\d+)_attentions_(\d+))_(.+)$")
+# a kohya UNet module named with diffusers' blocks; the words of diffusers' module names that hold an underscore
+DIFFUSERS_UNET_MODULE = re.compile(r"^lora_unet_(?:down_blocks|mid_block|up_blocks|conv_in|conv_out|time_embedding|"
+                                   r"add_embedding)(?:_|$)")
+DIFFUSERS_WORDS = sorted(("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "time_emb_proj",
+                          "conv_shortcut", "proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out", "time_embedding",
+                          "add_embedding", "linear_1", "linear_2", "conv_in", "conv_out"), key=len, reverse=True)
+# a diffusers / PEFT LoRA key: optional component, module path, and its part (PEFT may name its adapter)
+DIFFUSERS_KEY = re.compile(r"^(?:(?P<component>unet|text_encoder|text_encoder_2)\.)?(?:base_model\.model\.)?"
+                           r"(?P<module>.+?)\.(?:lora_(?P<peft>[AB])(?:\.[^.]+)?\.weight"
+                           r"|lora(?:_linear_layer)?\.(?P<diffusers>down|up)\.weight|(?P<alpha>alpha))$")
+KOHYA_PART = {"A": "lora_down.weight", "B": "lora_up.weight", "down": "lora_down.weight", "up": "lora_up.weight"}
+ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' safetensors metadata key for PEFT's LoraConfig, per component
 
 
 class LoraError(Exception):
@@ -102,21 +120,41 @@ def lora_targets(model: nn.Module) -> dict[str, LoraTarget]:
     return targets
 
 
-def ldm_module_name(name: str, num_res_blocks: list[int]) -> str:
-    """A diffusers-style kohya name of an attention-block layer as the UNet's own (`down_blocks_1_attentions_0`
-    -> `input_blocks_4_1` for SD's two res blocks per level); other names unchanged."""
-    match = DIFFUSERS_ATTENTION.match(name)
-    if match is None:
+def ldm_module_name(name: str, layout: UNetLayout) -> str:
+    """A kohya UNet module named with diffusers' blocks as the UNet's own (`lora_unet_down_blocks_1_attentions_0_proj_in`
+    -> `lora_unet_input_blocks_4_1_proj_in` for SD's two res blocks per level); other names, and diffusers names
+    with no counterpart here, unchanged (they are reported as unknown modules)."""
+    if not DIFFUSERS_UNET_MODULE.match(name):
         return name
-    down_level, down_block, middle, up_level, up_block, rest = match.groups()
-    if middle:
-        return f"{UNET_PREFIX}middle_block_1_{rest}"
-    if down_level is not None:  # input_blocks: conv_in, then per level its res blocks and a downsampler
-        index = 1 + sum(blocks + 1 for blocks in num_res_blocks[:int(down_level)]) + int(down_block)
-        return f"{UNET_PREFIX}input_blocks_{index}_1_{rest}"
-    upward = num_res_blocks[::-1]  # output_blocks: deepest level first, one block more per level
-    index = sum(blocks + 1 for blocks in upward[:int(up_level)]) + int(up_block)
-    return f"{UNET_PREFIX}output_blocks_{index}_1_{rest}"
+    dotted = name[len(UNET_PREFIX):].replace("_", ".")
+    for word in DIFFUSERS_WORDS:
+        dotted = dotted.replace(word.replace("_", "."), word)
+    try:
+        return kohya_name(UNET_PREFIX, ldm_unet_name(dotted, layout))
+    except (KeyError, ValueError):
+        return name
+
+
+def kohya_state_dict(state_dict: Mapping[str, torch.Tensor], text_encoder_count: int) -> dict[str, torch.Tensor]:
+    """A LoRA's tensors under kohya's names: diffusers' and PEFT's keys (`unet.down_blocks.0.attentions.0.proj_in.
+    lora_A.weight`, `text_encoder_2.text_model...lora.up.weight`, `...alpha`) renamed, kohya's kept; keys of neither
+    kind are kept for `group_lora_state_dict` to name. `text_encoder_count` says whether `text_encoder.` is kohya's
+    `lora_te_` (one text encoder) or `lora_te1_` (SDXL base)."""
+    encoders = text_encoder_prefixes(max(text_encoder_count, 1))
+    prefixes = {"unet": UNET_PREFIX, "text_encoder": encoders[0], "text_encoder_2": "lora_te2_"}
+    converted = {}
+    for key, value in state_dict.items():
+        match = None if KOHYA_MODULE.match(key) else DIFFUSERS_KEY.match(key)
+        if match is None:
+            converted[key] = value
+            continue
+        module = match["module"]
+        component = match["component"] or ("text_encoder" if module.startswith("text_model.") else "unet")
+        if component != "unet" and not module.startswith("text_model."):
+            module = "text_model." + module  # transformers 5's CLIPTextModel has no text_model level
+        part = "alpha" if match["alpha"] else KOHYA_PART[match["peft"] or match["diffusers"]]
+        converted[f"{kohya_name(prefixes[component], module)}.{part}"] = value
+    return converted
 
 
 @dataclass(frozen=True)
@@ -147,9 +185,9 @@ def group_lora_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, L
         else:
             foreign.append(key)
     if foreign:
-        raise LoraError(f"{len(foreign)} key(s) are not kohya LoRA weights (e.g. {', '.join(sorted(foreign)[:3])}): "
-                        "only lora_unet_* / lora_te_* / lora_te1_* / lora_te2_* files with lora_down, lora_up and "
-                        "alpha are supported (not LyCORIS LoHa/LoKr, not diffusers/PEFT names)")
+        raise LoraError(f"{len(foreign)} key(s) are not LoRA weights (e.g. {', '.join(sorted(foreign)[:3])}): "
+                        "kohya's (lora_unet_* / lora_te*_* with lora_down, lora_up, alpha) and diffusers' / PEFT's "
+                        "(unet.* / text_encoder*.* with lora_A, lora_B) are supported, not LyCORIS LoHa/LoKr or DoRA")
     updates = {}
     for module, tensors in parts.items():
         if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
@@ -191,12 +229,57 @@ def alpha_value(module: str, alpha: torch.Tensor) -> float:
 
 
 def read_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA file (.safetensors, or a torch pickle read safely)."""
+    """The tensors of a LoRA file (.safetensors, or a torch pickle read safely), with the alphas a PEFT file's
+    metadata gives added as `<module>.alpha`."""
     try:
         state_dict, _ = read_checkpoint(path)
     except CheckpointError as error:  # its message names the file already
         raise LoraError(str(error)) from None
-    return state_dict
+    adapters = safetensors_metadata(path).get(ADAPTER_METADATA)
+    return {**state_dict, **metadata_alphas(state_dict, adapters, path)} if adapters else state_dict
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a .safetensors file's header ({} for other files, or one that cannot be read: the
+    loaders report those in their turn)."""
+    if not os.fspath(path).lower().endswith(".safetensors") or not os.path.isfile(path):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as handle:  # reads the header only
+            return dict(handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - SafetensorError, OSError: the file itself is refused when read
+        return {}
+
+
+def metadata_alphas(state_dict: Mapping[str, torch.Tensor], adapters: str,
+                    path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """`<module>.alpha` for each PEFT module (`...lora_A.weight`) of `state_dict`, from diffusers' adapter metadata:
+    per component (`unet.`, `text_encoder.`, ...) PEFT's `lora_alpha`, its `alpha_pattern` (a module whose name ends
+    in a pattern's match takes that alpha) and `use_rslora` (alpha / sqrt(rank), not alpha / rank)."""
+    try:
+        config = json.loads(adapters)
+    except ValueError as error:
+        raise LoraError(f"{path}: its {ADAPTER_METADATA} is not readable JSON ({error}); the file is damaged") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{path}: its {ADAPTER_METADATA} is a {type(config).__name__}, not a map; the file is damaged")
+    alphas = {}
+    for key, tensor in state_dict.items():
+        match = DIFFUSERS_KEY.match(key)
+        if match is None or match["peft"] != "A" or f"{match['component']}.lora_alpha" not in config:
+            continue
+        component, module = match["component"], match["module"]
+        if config.get(f"{component}.use_dora"):
+            raise LoraError(f"{path}: a DoRA file (use_dora in its metadata), which is not supported")
+        patterns = config.get(f"{component}.alpha_pattern") or {}
+        chosen = next((pattern for pattern in patterns if re.match(rf"(.*\.)?({pattern})$", module)), None)
+        alpha = float(config[f"{component}.lora_alpha"] if chosen is None else patterns[chosen])
+        if config.get(f"{component}.use_rslora"):
+            alpha *= math.sqrt(tensor.shape[0])  # scale alpha / sqrt(r) as kohya's alpha / r
+        prefix = key[:match.start("module")]
+        alphas[f"{prefix}{module}.alpha"] = torch.tensor(alpha)
+    return alphas
 
 
 def lora_state_dict(lora: str | os.PathLike | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
@@ -213,18 +296,23 @@ def unknown_hint(unknown: list[str], model: nn.Module) -> str:
         made_for = "SD 1.x/2.x or the SDXL refiner" if foreign == [TEXT_ENCODER_PREFIX] else "SDXL base"
         takes = f"{'/'.join(encoder_prefixes)} names" if encoder_prefixes else "no text-encoder LoRA"
         return f" ({'/'.join(foreign)} name the text encoders of {made_for}; this model takes {takes})"
-    if any("_resnets_" in name or "samplers_" in name for name in unknown):
-        return " (diffusers-style names are supported for attention blocks only, not res blocks)"
+    if any(DIFFUSERS_UNET_MODULE.match(name) for name in unknown):
+        return " (diffusers names of layers this UNet does not have, such as an LCM's guidance embedding)"
     return ""
+
+
+def lora_updates(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, LoraUpdate]:
+    """Kohya module name, in the UNet's own block names -> update, for a LoRA state dict in any supported naming."""
+    kohya = kohya_state_dict(state_dict, len(text_encoders(model)))
+    layout = UNetLayout.from_unet(model.model.diffusion_model)
+    return {ldm_module_name(name, layout): update for name, update in group_lora_state_dict(kohya).items()}
 
 
 def fitted_updates(model: nn.Module,
                    state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, LoraTarget, LoraUpdate]]:
     """Each module of a LoRA state dict with the weight of `model` it changes; LoraError unless every module exists
     and fits. Only names and shapes are looked at, so `model` may hold its parameters on the meta device."""
-    num_res_blocks = list(model.model.diffusion_model.num_res_blocks)
-    updates = {ldm_module_name(name, num_res_blocks): update
-               for name, update in group_lora_state_dict(state_dict).items()}
+    updates = lora_updates(model, state_dict)
     if not updates:
         raise LoraError("the LoRA holds no modules")
     targets = lora_targets(model)
@@ -245,15 +333,14 @@ def fitted_updates(model: nn.Module,
 def check_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Tensor]) -> int:
     """LoraError for whatever `apply_lora(model, lora)` would refuse, without changing `model` (which may hold its
     parameters on the meta device: a LoRA can be checked before the weights load). Returns the number of layers."""
-    state_dict = lora_state_dict(lora)
-    fitted = fitted_updates(model, state_dict)
-    check_finite(state_dict)
+    fitted = fitted_updates(model, lora_state_dict(lora))
+    check_finite(fitted)
     return len(fitted)
 
 
-def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
-    """LoraError naming the first module whose lora_down, lora_up or alpha holds NaN or an infinity."""
-    for name, update in group_lora_state_dict(state_dict).items():
+def check_finite(fitted: list[tuple[str, LoraTarget, LoraUpdate]]) -> None:
+    """LoraError naming the first module whose lora_down or lora_up holds NaN or an infinity."""
+    for name, _, update in fitted:
         if not (torch.isfinite(update.down).all() and torch.isfinite(update.up).all()):
             raise LoraError(f"LoRA module {name} holds NaN or infinite weights: the file is damaged")
 
@@ -268,12 +355,11 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, torch.Te
     Every module must exist and fit, or nothing is changed and LoraError says which; returns how many layers were
     changed. Merging is exact up to the weights' precision; applying again with -multiplier undoes it.
     """
-    state_dict = lora_state_dict(lora)
+    fitted = fitted_updates(model, lora_state_dict(lora))
+    check_finite(fitted)
     text_multiplier = multiplier if text_encoder_multiplier is None else text_encoder_multiplier
     deltas = [(target, update.delta(target.weight.shape),
-               multiplier if name.startswith(UNET_PREFIX) else text_multiplier)
-              for name, target, update in fitted_updates(model, state_dict)]
-    check_finite(state_dict)
+               multiplier if name.startswith(UNET_PREFIX) else text_multiplier) for name, target, update in fitted]
     if not all(torch.isfinite(delta).all() for _, delta, _ in deltas):
         raise LoraError("the LoRA's changes to the weights hold NaN or infinite values (its weights are damaged or "
                         "too large): nothing was changed")

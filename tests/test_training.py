@@ -325,6 +325,7 @@ def test_diffusers_style_kohya_names_address_the_same_layers(tiny_checkpoint):
     from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
                                                      create_unet_diffusers_config_from_ldm)
 
+    from ldm.diffusers_names import UNetLayout
     from ldm.lora import UNET_PREFIX, ldm_module_name, lora_targets
 
     state, _ = read_checkpoint(tiny_checkpoint)
@@ -332,11 +333,11 @@ def test_diffusers_style_kohya_names_address_the_same_layers(tiny_checkpoint):
         yaml.safe_load(TINY.read_text()), state))
     model = load_model(tiny_checkpoint, TINY)
     targets = lora_targets(model)
-    num_res_blocks = list(model.model.diffusion_model.num_res_blocks)
+    layout = UNetLayout.from_unet(model.model.diffusion_model)
     mapped = set()
     for key, tensor in converted.items():
         if "attentions" in key and key.endswith(".weight") and tensor.ndim >= 2:
-            name = ldm_module_name(UNET_PREFIX + key.removesuffix(".weight").replace(".", "_"), num_res_blocks)
+            name = ldm_module_name(UNET_PREFIX + key.removesuffix(".weight").replace(".", "_"), layout)
             assert torch.equal(targets[name].weight, tensor), key
             mapped.add(name)
     # every layer a kohya LoRA adapts in the attention blocks, none missing

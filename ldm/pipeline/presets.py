@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ldm.lora import safetensors_metadata
+
 GENERIC_NAMES = re.compile(r"^(pytorch_lora_weights|diffusion_pytorch_model|model)(\.fp16)?$")
 METADATA_TITLES = ("modelspec.title", "ss_output_name")  # the safetensors metadata that names what a file is
 FOLDER_LEVELS = 3  # a generic name's folders: .../models--org--repo/snapshots/<hash>/pytorch_lora_weights.safetensors
@@ -158,13 +160,5 @@ def _telling_texts(path: str | os.PathLike) -> list[str]:
 
 
 def _metadata_titles(path: Path) -> list[str]:
-    if path.suffix.lower() != ".safetensors" or not path.is_file():
-        return []
-    from safetensors import safe_open
-
-    try:
-        with safe_open(os.fspath(path), framework="numpy") as handle:  # reads the header only
-            metadata = handle.metadata() or {}
-    except Exception:  # noqa: BLE001 - a damaged file is reported by the loader, in its turn
-        return []
+    metadata = safetensors_metadata(path)
     return [str(metadata[key]) for key in METADATA_TITLES if key in metadata]
