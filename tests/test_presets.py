@@ -129,3 +129,18 @@ def test_an_ordinary_model_gets_no_preset(run_named):
     status, err, infotext = run_named("tiny.ckpt", "--ddim_steps", 2)
     assert status == 0, err
     assert "authors' settings" not in err and "Sampler: DDIM" in infotext
+
+
+def test_a_diffusers_folder_tells_by_its_scheduler(tiny_checkpoint, tmp_path, run_named):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from reference_sd import SCHEDULE, diffusers_pipeline
+
+    scheduler = EulerAncestralDiscreteScheduler(timestep_spacing="trailing", **{
+        key: value for key, value in SCHEDULE.items() if key != "set_alpha_to_one"})
+    diffusers_pipeline(tiny_checkpoint, tmp_path, scheduler).save_pretrained(tmp_path / "a-folder")
+    status, err, infotext = run_named("a-folder", "--ddim_steps", 2)
+    assert status == 0, err
+    assert ("a model sampled on trailing timesteps (scheduler EulerAncestralDiscreteScheduler): euler_a, Trailing: "
+            "applied its authors' settings --sampler euler_a --scheduler Trailing") in err
+    assert "Sampler: Euler a," in infotext and "Schedule type: Trailing" in infotext

@@ -24,6 +24,7 @@ from ldm.cli.plan import (RunPlan, apply_compat_flags, check_files, fill_model_d
 from ldm.cli.prompts import PromptFileError, PromptJob
 from ldm.cli.safety import SafetyChecker
 from ldm.cli.summary import RunSummary
+from ldm.diffusers_folder import FolderError, is_diffusers_folder, read_folder
 from ldm.loading import LoadError
 from ldm.pipeline import AddOn, ControlNet, Embeddings, Loras, Options, Pipeline, Refiner, prompt_lora_tags
 from ldm.pipeline.addons.hires import HiresFix
@@ -91,12 +92,18 @@ class Shell:
     # --- flags to add-ons ------------------------------------------------------------------------------------------
     def apply_preset(self, opt: argparse.Namespace, jobs: Sequence[PromptJob]) -> None:
         """A few-step model's settings (`few_step_preset`: SDXL-Lightning, Hyper-SD, LCM-LoRA, Turbo, from the
-        checkpoint's, --lora files' and prompt tags' names) for the flags not given, said in one line; not for
-        --metadata_from, whose image records its own."""
+        checkpoint's, --lora files' and prompt tags' names, or a diffusers folder's scheduler) for the flags not
+        given, said in one line; not for --metadata_from, whose image records its own."""
         if opt.metadata_from:
             return
         tags = [tag.name for job in jobs for tag in lora_tags(job.prompt)]
-        preset = few_step_preset(opt.ckpt, [path for path, _ in lora_specs(opt.lora)] + tags)
+        scheduler = None
+        if is_diffusers_folder(opt.ckpt):
+            try:
+                scheduler = read_folder(opt.ckpt).scheduler
+            except FolderError:  # reported when the folder loads
+                pass
+        preset = few_step_preset(opt.ckpt, [path for path, _ in lora_specs(opt.lora)] + tags, scheduler)
         if preset is None:
             return
         if preset.unsupported:
