@@ -16,15 +16,29 @@ import transformers
 from checkpoint_factory import TEST_CONFIGS, make_tiny_checkpoint, make_tiny_xl_checkpoint, write_checkpoint
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders import single_file_utils
+from omegaconf import OmegaConf
 from reference_sd import NEGATIVE, PROMPT, SCHEDULE, diffusers_pipeline, diffusers_unet_and_vae
 from reference_sdxl import diffusers_parts
 from reference_text import for_transformers, hf_text_config
 
 from ldm.checkpoints import read_checkpoint
-from ldm.diffusers_names import UNetLayout
-from ldm.loading import DerivedConfig, LoadError, checkpoint_hash, load_config, load_model, resolve_config
+from ldm.diffusers_folder import DiffusersFolder, folder_overrides
+from ldm.diffusers_names import UNetLayout, unet_state_dict, vae_state_dict
+from ldm.loading import (
+    CONFIG_DIR,
+    DerivedConfig,
+    LoadError,
+    checkpoint_hash,
+    derived_config,
+    instantiate_on_meta,
+    load_config,
+    load_model,
+    params_from_shapes,
+    resolve_config,
+)
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import sample
+from ldm.modules.attention import CrossAttention
 
 DDIM = dict(clip_sample=False, timestep_spacing="leading", **SCHEDULE)
 STEPS, SCALE = 4, 6.0
@@ -276,3 +290,47 @@ def test_sdxl_folder_keeps_its_empty_prompt_rule(folders, tmp_path):
     copy = _copy(folders["xl"], tmp_path)
     _edit_json(copy / "model_index.json", force_zeros_for_empty_prompt=False)
     assert load_model(copy).force_zeros_for_empty_prompt is False
+
+
+def _heads_per_layer(model: torch.nn.Module) -> dict[str, int]:
+    return {name: module.heads for name, module in model.named_modules() if isinstance(module, CrossAttention)}
+
+
+@pytest.mark.parametrize("name, family", [("v1-inference.yaml", "v1"), ("v2-inference-v.yaml", "v2"),
+                                          ("sd_xl_base.yaml", "xl-base"), ("ssd-1b.yaml", "xl-base")])
+def test_released_models_at_full_size_translate_exactly(name, family):
+    """At the released sizes, on the meta device: our model's UNet and VAE keys through diffusers' own converters
+    and back through ours give every key and shape again, and the config a folder with diffusers' configs for it
+    would get has the released model's attention heads in every layer."""
+    released = instantiate_on_meta(load_config(CONFIG_DIR / name).model)
+    weights = released.state_dict()
+    original = OmegaConf.to_container(OmegaConf.load(str(CONFIG_DIR / name)))
+    unet_config = single_file_utils.create_unet_diffusers_config_from_ldm(original, weights)
+    unet = {key.removeprefix("model.diffusion_model."): value for key, value in weights.items()
+            if key.startswith("model.diffusion_model.")}
+    back = unet_state_dict(single_file_utils.convert_ldm_unet_checkpoint(weights, unet_config),
+                           UNetLayout.from_config(unet_config))
+    assert {key: value.shape for key, value in back.items()} == {key: value.shape for key, value in unet.items()}
+    assert UNetLayout.from_unet(released.model.diffusion_model) == UNetLayout.from_config(unet_config)
+    vae_config = single_file_utils.create_vae_diffusers_config_from_ldm(original, weights)
+    vae = {key.removeprefix("first_stage_model."): value for key, value in weights.items()
+           if key.startswith("first_stage_model.")}
+    back = vae_state_dict(single_file_utils.convert_ldm_vae_checkpoint(weights, vae_config))
+    assert {key: tuple(value.shape) for key, value in back.items()} == {
+        key: tuple(value.shape) for key, value in vae.items()}
+
+    text = {"v1": {"text_encoder": (768, 12, "quick_gelu")}, "v2": {"text_encoder": (1024, 16, "gelu")},
+            "xl-base": {"text_encoder": (768, 12, "quick_gelu"), "text_encoder_2": (1280, 20, "gelu")}}[family]
+    configs = {"unet": unet_config, "vae": vae_config}
+    configs.update({component: {"hidden_size": width, "num_attention_heads": heads, "hidden_act": activation}
+                    for component, (width, heads, activation) in text.items()})
+    folder = DiffusersFolder(Path("released"), configs, {"prediction_type": "v_prediction" if "-v" in name else
+                                                         "epsilon"})
+    shapes = {key: tuple(value.shape) for key, value in weights.items()}
+    structure = params_from_shapes(shapes, family)
+    derived = derived_config(CONFIG_DIR / name, {**structure, **folder_overrides(folder, structure)})
+    rebuilt = instantiate_on_meta(load_config(derived).model)
+    assert _heads_per_layer(rebuilt) == _heads_per_layer(released) != {}
+    unused = "cond_stage_model.model.text_projection"  # SD 2.x folders hold none: built empty
+    assert {key: value.shape for key, value in rebuilt.state_dict().items() if key != unused} == {
+        key: value.shape for key, value in weights.items() if key != unused}
