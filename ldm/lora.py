@@ -185,9 +185,10 @@ def group_lora_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, L
         else:
             foreign.append(key)
     if foreign:
-        raise LoraError(f"{len(foreign)} key(s) are not LoRA weights (e.g. {', '.join(sorted(foreign)[:3])}): "
-                        "kohya's (lora_unet_* / lora_te*_* with lora_down, lora_up, alpha) and diffusers' / PEFT's "
-                        "(unet.* / text_encoder*.* with lora_A, lora_B) are supported, not LyCORIS LoHa/LoKr or DoRA")
+        raise LoraError(f"{len(foreign)} key(s) are not kohya LoRA weights (e.g. {', '.join(sorted(foreign)[:3])}), "
+                        "nor diffusers' or PEFT's: lora_unet_* / lora_te*_* files with lora_down, lora_up and alpha, "
+                        "and unet.* / text_encoder*.* files with lora_A and lora_B (or lora.down and lora.up) are "
+                        "supported, not LyCORIS LoHa/LoKr or DoRA")
     updates = {}
     for module, tensors in parts.items():
         if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
