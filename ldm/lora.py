@@ -257,8 +257,9 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 def metadata_alphas(state_dict: Mapping[str, torch.Tensor], adapters: str,
                     path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """`<module>.alpha` for each PEFT module (`...lora_A.weight`) of `state_dict`, from diffusers' adapter metadata:
-    per component (`unet.`, `text_encoder.`, ...) PEFT's `lora_alpha`, its `alpha_pattern` (a module whose name ends
-    in a pattern's match takes that alpha) and `use_rslora` (alpha / sqrt(rank), not alpha / rank)."""
+    per component (`unet.`, `text_encoder.`, ...) PEFT's `lora_alpha`, its `alpha_pattern` (a module whose name is
+    or ends in a key's module name takes that alpha: diffusers writes module names there; they are not run as
+    regular expressions) and `use_rslora` (alpha / sqrt(rank), not alpha / rank)."""
     try:
         config = json.loads(adapters)
     except ValueError as error:
@@ -274,8 +275,13 @@ def metadata_alphas(state_dict: Mapping[str, torch.Tensor], adapters: str,
         if config.get(f"{component}.use_dora"):
             raise LoraError(f"{path}: a DoRA file (use_dora in its metadata), which is not supported")
         patterns = config.get(f"{component}.alpha_pattern") or {}
-        chosen = next((pattern for pattern in patterns if re.match(rf"(.*\.)?({pattern})$", module)), None)
-        alpha = float(config[f"{component}.lora_alpha"] if chosen is None else patterns[chosen])
+        if not isinstance(patterns, dict):
+            raise LoraError(f"{path}: its {component}.alpha_pattern is not a map of module names to alphas")
+        chosen = next((name for name in patterns if module == name or module.endswith(f".{name}")), None)
+        try:
+            alpha = float(config[f"{component}.lora_alpha"] if chosen is None else patterns[chosen])
+        except (TypeError, ValueError):
+            raise LoraError(f"{path}: an alpha in its {ADAPTER_METADATA} is not a number; the file is damaged") from None
         if config.get(f"{component}.use_rslora"):
             alpha *= math.sqrt(tensor.shape[0])  # scale alpha / sqrt(r) as kohya's alpha / r
         prefix = key[:match.start("module")]

@@ -159,6 +159,10 @@ def test_metadata_alphas_are_read_and_damaged_metadata_refused(sd1_lora, tiny_ch
     model = load_model(tiny_checkpoint, TEST_CONFIGS / "tiny-v1.yaml")
     with pytest.raises(LoraError, match="lora_adapter_metadata is not readable JSON"):
         apply_lora(model, damaged)
+    crafted = {"unet.lora_alpha": "many", "unet.alpha_pattern": {"(a+)+$": 1.0}}
+    damaged = write(tmp_path, "damaged.safetensors", tensors, {"lora_adapter_metadata": json.dumps(crafted)})
+    with pytest.raises(LoraError, match="an alpha in its lora_adapter_metadata is not a number"):
+        apply_lora(model, damaged)  # and the pattern key is a name, never run as a regular expression
 
 
 def test_diffusers_names_without_a_counterpart_are_named(tiny_checkpoint):
