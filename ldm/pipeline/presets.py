@@ -25,6 +25,7 @@ from ldm.lora import safetensors_metadata
 
 GENERIC_NAMES = re.compile(r"^(pytorch_lora_weights|diffusion_pytorch_model|model)(\.fp16)?$")
 METADATA_TITLES = ("modelspec.title", "ss_output_name")  # the safetensors metadata that names what a file is
+TITLE_LENGTH = 200  # a title's characters looked at: enough for any model name, bounded for a crafted header
 FOLDER_LEVELS = 3  # a generic name's folders: .../models--org--repo/snapshots/<hash>/pytorch_lora_weights.safetensors
 
 
@@ -161,4 +162,4 @@ def _telling_texts(path: str | os.PathLike) -> list[str]:
 
 def _metadata_titles(path: Path) -> list[str]:
     metadata = safetensors_metadata(path)
-    return [str(metadata[key]) for key in METADATA_TITLES if key in metadata]
+    return [str(metadata[key])[:TITLE_LENGTH] for key in METADATA_TITLES if key in metadata]
