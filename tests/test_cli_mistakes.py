@@ -211,7 +211,7 @@ MISTAKES = [
     ("t", ["--from-file", "{empty.txt}"], "has no prompts"),
     ("t", ["--from-file", "{huge_size.txt}"], "line 1: H 100000000 is too large"),
     # --ckpt, --config, --vae: what the loader would refuse, found before it reads a weight
-    ("t", ["--ckpt", "{folder.safetensors}"], "folder.safetensors not found"),
+    ("t", ["--ckpt", "{folder.safetensors}"], "folder.safetensors is a folder without model_index.json"),
     ("t", ["--ckpt", "{empty.safetensors}"], "empty.safetensors is not a checkpoint"),
     ("t", ["--ckpt", "{truncated.safetensors}"], "lies outside the file (is the file complete?)"),
     ("t", ["--ckpt", "{notes.ckpt}"], "notes.ckpt is not a checkpoint"),
