@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="CUDA GPUs: capture the UNet once per batch shape and replay it (less launch overhead); the capture is "
              "a warm-up before the first batch, timed apart")
     add("--lora", type=str, action="append", default=None, metavar="FILE[:WEIGHT]",
-        help="merge a kohya-style LoRA (.safetensors) into the model with WEIGHT (default 1.0); repeat for several")
+        help="merge a LoRA (.safetensors; kohya's names, or diffusers' / PEFT's) into the model with WEIGHT "
+             "(default 1.0); repeat for several")
     add("--embeddings", type=str, action="append", default=None, metavar="DIR_OR_FILE",
         help="textual-inversion embeddings (.pt, .bin, .safetensors; a folder: all of them): a prompt or negative "
              "prompt naming a file's stem as a word uses its vectors; repeat for several")
@@ -171,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="read prompts and negative prompts as AUTOMATIC1111 does: (word), [word], (word:1.2) weights, BREAK, "
              "and prompts past 75 tokens in chunks of 75 (default: off, plain text as CompVis, cut at 75 tokens)")
     add("--scheduler", type=str, default=None,
-        help="AUTOMATIC1111's schedule type for k-diffusion samplers: Automatic, Uniform, Karras, Exponential, "
+        help="the schedule type for k-diffusion samplers: AUTOMATIC1111's Automatic, Uniform, Karras, Exponential, "
              "Polyexponential, SGM Uniform, KL Optimal, Align Your Steps, Simple, Normal, DDIM, Beta (its sigmas, "
-             "defaults and dropped sigmas; default: this tool's sampler schedules)")
+             "defaults and dropped sigmas), or diffusers' timestep spacings Leading, Linspace, Trailing and LCM's "
+             "(default: this tool's sampler schedules)")
     add("--clip_skip", type=int, default=1,
         help="AUTOMATIC1111's clip skip: 2 reads the text encoder's penultimate layer (SD 1.x; SD 2.x and SDXL "
              "ignore it, as there)")
