@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -58,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--skip-load", action="store_true", help="skip the load benchmark")
     add("--skip-sampling", action="store_true", help="skip the sampling benchmark")
     add("--skip-diffusers", action="store_true", help="do not run diffusers")
+    add("--compare-models", nargs="+", metavar="MODEL",
+        help=f"instead, time UNet evaluations of these architectures with random weights (one at a time, each in its "
+             f"own process; guided batch of 2 at --size, --runs after --warmup) and report each against the first: "
+             f"{', '.join(MODELS)} or a config's path")
     add("--workdir", help="where to write the random checkpoint (default: a temporary folder, deleted after)")
     add("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -67,10 +72,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--cuda-graphs needs a CUDA device (--device cuda), got --device {args.device}")
     if args.runs < 1 or args.steps < 1:
         parser.error("--runs and --steps must be at least 1")
+    if args.compare_models:
+        unknown = [name for name in args.compare_models if not model_config_path(name).is_file()]
+        if unknown:
+            parser.error(f"--compare-models takes {', '.join(MODELS)} or config paths; not found: {', '.join(unknown)}")
+        pipeline_only = [flag for flag, value in (("--ckpt", args.ckpt), ("--plain", args.plain),
+                                                  ("--compile", args.compile), ("--cuda-graphs", args.cuda_graphs),
+                                                  ("--memory-modes", args.memory_modes)) if value]
+        if pipeline_only:
+            parser.error(f"--compare-models times UNets alone, with the default fast paths: drop "
+                         f"{', '.join(pipeline_only)}")
     return args
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
+def random_parameter(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """A float32 value for parameter `name` that keeps activations in range through the deepest stacks: unit-gain
+    matrices (std 1/sqrt(fan-in)), norm gains near 1 and small biases (1-D weights are norm gains in these models)."""
+    value = torch.randn(shape, generator=generator)
+    if len(shape) > 1:
+        return value.mul_(math.prod(shape[1:]) ** -0.5)
+    return value.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
+
+
 def write_random_checkpoint(config_path: str, folder: Path, dtype: torch.dtype, seed: int = 0) -> dict[str, Path]:
     """Random weights in the config's full-size key layout, as .ckpt (Lightning-style) and .safetensors."""
     from safetensors.torch import save_file
@@ -87,12 +111,7 @@ def write_random_checkpoint(config_path: str, folder: Path, dtype: torch.dtype, 
         if name not in parameters:
             state_dict[name] = reference.clone()
             continue
-        value = torch.randn(reference.shape, generator=generator)
-        if reference.dim() > 1:  # unit-gain matrices keep activations in range through deep stacks
-            value.mul_(reference[0].numel() ** -0.5)
-        else:
-            value.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)  # norm gains near 1, small biases
-        state_dict[name] = value.to(dtype)
+        state_dict[name] = random_parameter(name, reference.shape, generator).to(dtype)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {".ckpt": folder / "random-sd.ckpt", ".safetensors": folder / "random-sd.safetensors"}
     torch.save({"state_dict": state_dict, "global_step": 0}, paths[".ckpt"])
@@ -152,7 +171,7 @@ def load_worker(kind: str, path: str, config: str, device: str, dtype_name: str,
                 peak_rss=peak, peak_rss_after_touch=max_rss_bytes(), baseline_rss=baseline)
 
 
-def _call_in_fresh_process(function, *args) -> dict:
+def call_in_fresh_process(function, *args) -> dict:
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         return pool.apply(function, args)
 
@@ -163,7 +182,7 @@ def run_load_benchmark(args: argparse.Namespace, files: dict[str, Path]) -> list
         size = path.stat().st_size
         for repeat in range(args.load_runs):
             for kind in ("compvis", "ours"):
-                result = _call_in_fresh_process(load_worker, kind, str(path), args.config, args.device,
+                result = call_in_fresh_process(load_worker, kind, str(path), args.config, args.device,
                                                 args.precision, args.threads)
                 result.update(format=suffix, file_bytes=size, repeat=repeat)
                 print(f"  load {suffix:12s} {kind:8s} {result['load_s']:7.2f} s (all weights read after "
@@ -353,6 +372,141 @@ def run_sampling_benchmark(args: argparse.Namespace, ckpt: str) -> dict:
     return results
 
 
+# --- model architectures --------------------------------------------------------------------------------------------
+# --compare-models names: configs under configs/stable-diffusion
+MODELS = {"sdxl": "sd_xl_base.yaml", "ssd-1b": "ssd-1b.yaml", "vega": "segmind-vega.yaml",
+          "sd-1.5": "v1-inference.yaml", "sd-2": "v2-inference-v.yaml"}
+
+
+def model_config_path(name: str) -> Path:
+    """The yaml config of a --compare-models entry: a name in MODELS or the path of a config."""
+    return DEFAULT_CONFIG.parent / MODELS[name] if name in MODELS else Path(name)
+
+
+def unet_config(config_path: str | Path):
+    """The UNet's part of a model config: `network_config` (sgm, SDXL layout) or `unet_config` (CompVis)."""
+    from ldm.loading import load_config
+
+    params = load_config(config_path).model.params
+    return params.get("network_config") or params["unet_config"]
+
+
+def random_unet(config, seed: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The UNet of `config` (a `unet_config`) with seeded `random_parameter` weights, made one parameter at a time on
+    `device` in `dtype`: no full-size float32 copy on the host, no random initialisation to throw away."""
+    from ldm.loading import instantiate_on_meta
+
+    unet = instantiate_on_meta(config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in [*unet.named_parameters()]:
+        owner, _, attribute = name.rpartition(".")
+        value = random_parameter(name, parameter.shape, generator).to(device, dtype)
+        setattr(unet.get_submodule(owner), attribute, torch.nn.Parameter(value, requires_grad=False))
+    return unet.to(device).eval()  # computed buffers (none in the UNets shipped here) follow
+
+
+def unet_inputs(config, latent: int, device: torch.device, generator: torch.Generator,
+                batch: int = 2) -> dict[str, torch.Tensor | None]:
+    """Random UNet inputs for a guided step (unconditional and conditional halves): latents, timesteps, text context
+    of the config's width and, for SDXL-layout UNets, the vector input (pooled text and size embeddings)."""
+    params = config.params
+    context_dim = params.context_dim if isinstance(params.context_dim, int) else params.context_dim[0]
+    classes = params.get("num_classes")
+    x = torch.randn(batch, params.in_channels, latent, latent, generator=generator)
+    context = torch.randn(batch, 77, context_dim, generator=generator)
+    if classes == "sequential":
+        y = torch.randn(batch, params.adm_in_channels, generator=generator)
+    else:
+        y = torch.randint(classes, (batch,), generator=generator) if classes else None
+    return {"x": x.to(device), "timesteps": torch.full((batch,), 500, device=device), "context": context.to(device),
+            "y": None if y is None else y.to(device)}
+
+
+def unet_flops(config, latent: int) -> int:
+    """Floating-point operations of one UNet evaluation (a guided batch of 2), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm.loading import instantiate_on_meta
+
+    unet = instantiate_on_meta(config)
+    inputs = unet_inputs(config, latent, torch.device("meta"), torch.Generator())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(**inputs)
+    return counter.get_total_flops()
+
+
+def unet_worker(config_path: str, options: dict) -> dict:
+    """Time UNet evaluations of one architecture with random weights in this (fresh) process."""
+    from ldm import optimize
+
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
+    device, dtype = torch.device(options["device"]), PRECISIONS[options["precision"]]
+    config, latent = unet_config(config_path), options["size"] // 8
+    flops = unet_flops(config, latent)
+    start = time.perf_counter()
+    unet = random_unet(config, options["seed"], device, dtype)
+    weights = sum(t.numel() * t.element_size() for t in [*unet.parameters(), *unet.buffers()])
+    parameters = sum(parameter.numel() for parameter in unet.parameters())
+    applied = optimize.apply_fast_paths(unet, device)
+    synchronize(device)
+    built = time.perf_counter() - start
+    inputs = unet_inputs(config, latent, device, torch.Generator().manual_seed(options["seed"]))
+    timings: dict[str, list[float]] = {"warmup": [], "runs": []}
+    with torch.no_grad():
+        for phase in ("warmup", "runs"):
+            if phase == "runs" and device.type == "cuda":  # the peak of the measured evaluations alone
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(options[phase]):
+                synchronize(device)
+                start = time.perf_counter()
+                output = unet(**inputs)
+                synchronize(device)
+                timings[phase].append(time.perf_counter() - start)
+    peak, what = peak_memory(device)
+    return dict(parameters=parameters, weight_bytes=weights, flops=flops, build_s=built, applied=applied,
+                output_std=output.float().std().item(), peak=peak, peak_kind=what, **timings)
+
+
+def run_model_comparison(args: argparse.Namespace) -> dict:
+    """Each architecture in its own fresh process, one after the other (one full-size UNet in memory at a time)."""
+    options = {"device": args.device, "precision": args.precision, "size": args.size, "seed": args.seed,
+               "threads": args.threads, "warmup": args.warmup, "runs": args.runs}
+    results = {}
+    for name in args.compare_models:
+        result = call_in_fresh_process(unet_worker, str(model_config_path(name)), options)
+        print(f"  {name}: built in {result['build_s']:.1f} s ({', '.join(result['applied']) or 'plain'}); runs "
+              + " / ".join(f"{s:.2f}" for s in result["runs"]) + " s", flush=True)
+        results[name] = result
+    return results
+
+
+def summarize_models(results: dict, size: int) -> dict:
+    summary = {}
+    first = next(iter(results))
+    for name, result in results.items():
+        step = statistics.median(result["runs"])
+        summary[name] = {"s_per_step": step, "parameters": result["parameters"],
+                         "weight_gib": result["weight_bytes"] / 2**30, "gflop_per_step": result["flops"] / 1e9,
+                         "achieved_gflop_s": result["flops"] / 1e9 / step, "peak_gib": result["peak"] / 2**30,
+                         "peak_kind": result["peak_kind"], "output_std": result["output_std"], "runs": result["runs"],
+                         "warmup": result["warmup"], "applied": result["applied"]}
+    reference = summary[first]
+    print(f"UNet evaluations, guided batch of 2 at {size}x{size} ({size // 8}x{size // 8} latents), median of "
+          f"{len(reference['runs'])}:")
+    width = max(map(len, summary))
+    for name, row in summary.items():
+        row.update(speedup_vs_first=reference["s_per_step"] / row["s_per_step"],
+                   parameters_vs_first=row["parameters"] / reference["parameters"],
+                   flops_vs_first=row["gflop_per_step"] / reference["gflop_per_step"])
+        print(f"{name:{width}s} {row['s_per_step']:8.3f} s/step  {row['parameters'] / 1e9:5.3f} B parameters  "
+              f"{row['weight_gib']:6.2f} GiB weights  {row['gflop_per_step']:8.1f} GFLOP/step "
+              f"({row['achieved_gflop_s']:6.1f} GFLOP/s)  peak {row['peak_gib']:6.2f} GiB ({row['peak_kind']})  "
+              f"{row['speedup_vs_first']:.2f}x the speed of {first} with {row['parameters_vs_first']:.2f}x its "
+              f"parameters and {row['flops_vs_first']:.2f}x its FLOPs")
+    return summary
+
+
 # --- report ----------------------------------------------------------------------------------------------------------
 def machine() -> dict:
     model_name = platform.processor()
@@ -414,12 +568,8 @@ def summarize_sampling(results: dict, steps: int) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = dict(machine=machine(), options=vars(args))
-    print(json.dumps(report["machine"]))
+def run_pipeline_benchmarks(args: argparse.Namespace, report: dict) -> None:
+    """The load and sampling benchmarks, on --ckpt or a random checkpoint written for them."""
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sd-benchmark-"))
     try:
         if args.ckpt:
@@ -441,6 +591,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = dict(machine=machine(), options=vars(args))
+    print(json.dumps(report["machine"]))
+    if args.compare_models:
+        report["models"] = summarize_models(run_model_comparison(args), args.size)
+    else:
+        run_pipeline_benchmarks(args, report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
     return 0

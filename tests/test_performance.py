@@ -449,12 +449,13 @@ def test_graph_replay_matches_eager(tiny_checkpoints):
 
 # --- the benchmark's two pipelines do the same work --------------------------------------------------------------
 def load_benchmark_script():
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
-    spec = importlib.util.spec_from_file_location("benchmark_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """scripts/benchmark.py as the module `benchmark`, importable by name: its workers run in spawned processes,
+    which import their function's module again."""
+    import importlib
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    if scripts not in sys.path:
+        sys.path.append(scripts)
+    return importlib.import_module("benchmark")
 
 
 def test_benchmark_pipelines_make_the_same_image(tiny_checkpoints):
@@ -481,3 +482,42 @@ def test_benchmark_refuses_cuda_graphs_off_cuda(capsys):
     assert exit_info.value.code == 2
     assert "--cuda-graphs needs a CUDA device (--device cuda), got --device cpu" in capsys.readouterr().err
     assert benchmark.parse_args(["--cuda-graphs", "--device", "cuda:0"]).cuda_graphs
+
+
+def test_benchmark_compares_model_architectures(tmp_path, capsys):
+    """--compare-models: each UNet built with random weights in its own process, timed, and reported against the
+    first (the report's structure is checked, not its timings)."""
+    from ldm.loading import instantiate_on_meta
+
+    benchmark = load_benchmark_script()
+    configs = [str(TEST_CONFIGS / "tiny-xl.yaml"), str(TEST_CONFIGS / "tiny-ssd1b.yaml")]
+    report_path = tmp_path / "report.json"
+    assert benchmark.main(["--compare-models", *configs, "--size", "64", "--runs", "2", "--warmup", "0",
+                           "--threads", "1", "--json", str(report_path)]) == 0
+    models = json.loads(report_path.read_text())["models"]
+    assert list(models) == configs
+    for config, row in models.items():
+        unet = instantiate_on_meta(benchmark.unet_config(config))
+        assert row["parameters"] == sum(parameter.numel() for parameter in unet.parameters())
+        assert row["weight_gib"] * 2**30 == 4 * row["parameters"]  # fp32, no buffers
+        assert len(row["runs"]) == 2 and row["s_per_step"] > 0 and row["gflop_per_step"] > 0
+        assert 0.05 < row["output_std"] < 20  # the random weights keep activations in range
+    first, second = models.values()
+    assert first["speedup_vs_first"] == first["parameters_vs_first"] == 1.0
+    assert second["speedup_vs_first"] == pytest.approx(first["s_per_step"] / second["s_per_step"])
+    assert second["parameters_vs_first"] == pytest.approx(second["parameters"] / first["parameters"])
+    assert second["flops_vs_first"] > 1  # tiny-ssd1b has deeper transformers than tiny-xl
+    assert f"the speed of {configs[0]}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--compare-models", "sdxl", "sdxl-turbo"], "--compare-models takes sdxl, ssd-1b, vega"),
+    (["--compare-models", "sdxl", "--compile"], "drop --compile"),
+])
+def test_benchmark_refuses_unknown_models_and_pipeline_flags(capsys, argv, message):
+    benchmark = load_benchmark_script()
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert benchmark.parse_args(["--compare-models", "sdxl", "ssd-1b", "vega"]).compare_models == ["sdxl", "ssd-1b",
+                                                                                                  "vega"]
