@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                                  # CPU, fp32, 256x256, 20 DDIM steps, random weights
     python scripts/benchmark.py --ckpt sd-v1-5.safetensors --device cuda --precision fp16 --size 512 --steps 50
+    python scripts/benchmark.py --compare-models sdxl ssd-1b vega --size 768    # UNet architectures, random weights
 
 Without --ckpt a full-size random checkpoint in the config's layout is written to a temporary folder (deleted
 afterwards), as .ckpt and .safetensors. Every load runs in a fresh process (so its peak RSS is its own), alternating
@@ -9,6 +10,11 @@ the CompVis-style load (torch.load, build with random init, load_state_dict) wit
 each pipeline in its own process, loaded once and warmed up, then alternates runs between them with the same
 prompt, size, steps, DDIM sampler, guidance, precision and starting noise; medians are reported, and the images of
 the two pipelines are compared to show they did the same work.
+
+--compare-models replaces both: each named UNet (or the UNet of a config file) is built with random weights in a
+fresh process, one after the other, and timed over --runs evaluations of a guided batch of 2 at --size, in
+--precision on --device with the default fast paths; its parameters, weight memory, FLOPs per evaluation and the
+ratios against the first model are reported.
 """
 from __future__ import annotations
 
