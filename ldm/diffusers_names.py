@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -23,6 +23,8 @@ UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embe
 VAE_RES_BLOCK = {"conv_shortcut": "nin_shortcut"}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 VAE_TOP = {"conv_norm_out": "norm_out"}
+DOWN_RESNET = re.compile(r"^down_blocks\.(\d+)\.resnets\.(\d+)\.")
+UP_ATTENTION = re.compile(r"^up_blocks\.(\d+)\.attentions\.")
 # Hugging Face CLIP's names inside an encoder layer -> open_clip's (q/k/v are fused, see `open_clip_state_dict`)
 OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -52,6 +54,24 @@ class UNetLayout:
         blocks = tuple(per_level) if isinstance(per_level, (list, tuple)) else (int(per_level),) * levels
         up_types = config.get("up_block_types") or ()
         return cls(blocks, tuple("CrossAttn" in name for name in up_types))
+
+    @classmethod
+    def from_names(cls, names: Iterable[str]) -> UNetLayout:
+        """The layout of a diffusers UNet from its weights' names alone (a UNet-only file such as SDXL-Lightning's):
+        res blocks per level from `down_blocks.<level>.resnets.<n>`, attention from `up_blocks.<level>.attentions`."""
+        resnets: dict[int, set[int]] = {}
+        attention: set[int] = set()
+        for name in names:
+            down = DOWN_RESNET.match(name)
+            if down:
+                resnets.setdefault(int(down.group(1)), set()).add(int(down.group(2)))
+            up = UP_ATTENTION.match(name)
+            if up:
+                attention.add(int(up.group(1)))
+        if not resnets or sorted(resnets) != list(range(len(resnets))):
+            raise KeyError("the weights have no down_blocks.<level>.resnets: not a diffusers UNet")
+        blocks = tuple(len(resnets[level]) for level in range(len(resnets)))
+        return cls(blocks, tuple(level in attention for level in range(len(blocks))))
 
     def input_index(self, level: int, block: int) -> int:
         """Position in `input_blocks` of res block `block` of `level` (the downsampler is block num_res_blocks)."""

@@ -19,10 +19,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ldm.checkpoints import CheckpointError, PageReleaser, model_hash, read_checkpoint, read_layout, read_shapes
-from ldm.diffusers_folder import (WEIGHT_STEMS, FolderError, folder_hash, folder_overrides, folder_state_dict,
-                                  is_diffusers_folder, read_component, read_folder)
-from ldm.diffusers_folder import weights_file as diffusers_weights_file
-from ldm.diffusers_names import vae_state_dict
+from ldm.diffusers_folder import (FolderError, folder_hash, folder_overrides, folder_state_dict, is_diffusers_folder,
+                                  read_folder)
+from ldm.weight_parts import UNET_PART, VAE_PART, PartError, merge_part
 from ldm.util import check_numbers, find_interpolation, instantiate_from_config, to_plain
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
@@ -50,7 +49,6 @@ ADVICE = {
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 XL_TEXT = "conditioner.embedders."
 EMA = "model_ema."
-DIFFUSERS_VAE = "encoder.down_blocks."  # how a VAE file in diffusers' names starts
 TEXT_TO_IMAGE_CHANNELS, INPAINTING_CHANNELS = 4, 9  # inpainting UNets also take the mask (1) and masked image (4)
 UPSCALER_CHANNELS = 7  # the x4 upscaler's UNet also takes the low-resolution RGB image (3)
 LOW_SCALE = "low_scale_model."  # the x4 upscaler's noise augmentation: schedule buffers only
@@ -508,34 +506,6 @@ def read_weights(path: str | os.PathLike, shapes_only: bool = False) -> dict[str
     return read_checkpoint(path)[0]
 
 
-def merge_vae(state_dict: dict[str, torch.Tensor], vae_path: str | os.PathLike,
-              shapes_only: bool = False) -> dict[str, torch.Tensor]:
-    """Replace the autoencoder weights with those of a separate VAE: a file in the CompVis key layout (prefixed or
-    not) or in diffusers' names, a diffusers VAE folder, or a whole diffusers model folder (its vae/)."""
-    try:
-        if os.path.isdir(vae_path):  # a diffusers VAE folder (config.json, diffusion_pytorch_model.*)
-            folder = Path(vae_path) / "vae" if is_diffusers_folder(vae_path) else Path(vae_path)
-            vae = read_component(diffusers_weights_file(folder, WEIGHT_STEMS["vae"]), shapes_only)
-        else:
-            vae = read_weights(vae_path, shapes_only)
-    except (CheckpointError, FolderError) as error:
-        raise LoadError(f"--vae: {error}") from None
-    if any(key.startswith(DIFFUSERS_VAE) for key in vae):  # diffusers' names (sdxl-vae-fp16-fix and many others)
-        try:
-            vae = vae_state_dict(vae)
-        except KeyError as error:
-            raise LoadError(f"--vae {vae_path}: {error.args[0]}") from None
-    if any(key.startswith(VAE) for key in vae):  # a whole checkpoint, or a VAE saved with its prefix: its autoencoder
-        vae = {key: value for key, value in vae.items() if key.startswith(VAE)}
-    vae = {(key if key.startswith(VAE) else VAE + key): value for key, value in vae.items()
-           if not key.startswith(("loss.", "model_ema.", "first_stage_model.loss."))}
-    if not any(key.startswith(VAE + "decoder.") for key in vae):
-        raise LoadError(f"--vae {vae_path} holds no autoencoder weights (decoder.*)")
-    merged = {key: value for key, value in state_dict.items() if not key.startswith(VAE)}
-    merged.update(vae)
-    return merged
-
-
 def _examples(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -618,19 +588,22 @@ def _is_on(tensor: torch.Tensor, device: torch.device) -> bool:
 def load_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None = None, *,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, use_ema: bool | None = None,
                v_prediction: bool | None = None, vae: str | os.PathLike | None = None,
-               timings: dict[str, float] | None = None, trust_config: bool = False) -> nn.Module:
+               unet: str | os.PathLike | None = None, timings: dict[str, float] | None = None,
+               trust_config: bool = False) -> nn.Module:
     """Read `ckpt`, build the model its config describes, load strictly, and return it in eval mode on `device`.
 
     `use_ema`: take the `model_ema.*` weights (default: the config's `use_ema`). `v_prediction`: for a v2 checkpoint
     without `config`, choose the v-prediction config (default: by the file name, "768" means v). `vae`: a separate
-    autoencoder file whose weights replace the checkpoint's. `timings` receives "read", "build" and "move" seconds.
+    autoencoder whose weights replace the checkpoint's, `unet` a separate UNet (SDXL-Lightning's and Hyper-SD's
+    UNet-only files), each a file in the released or diffusers' names or a diffusers folder
+    (`ldm.weight_parts`). `timings` receives "read", "build" and "move" seconds.
     `config` may also be a config already loaded with OmegaConf (as the CompVis scripts hold it). `trust_config`:
     build whatever classes the config names and resolve its interpolations; otherwise a config builds only this
     project's classes (see `ldm.util.instantiate_from_config`).
     """
     device = torch.device(device)
     start = time.perf_counter()
-    model_config, config_name, state_dict = _prepare(ckpt, config, use_ema, v_prediction, vae,
+    model_config, config_name, state_dict = _prepare(ckpt, config, use_ema, v_prediction, vae, unet,
                                                      trust_config=trust_config)
     read_done = time.perf_counter()
     model = _build(model_config, config_name, trust_config)
@@ -646,21 +619,22 @@ def load_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | No
 
 def check_loadable(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None = None, *,
                    use_ema: bool | None = None, v_prediction: bool | None = None,
-                   vae: str | os.PathLike | None = None, trust_config: bool = False) -> nn.Module:
+                   vae: str | os.PathLike | None = None, unet: str | os.PathLike | None = None,
+                   trust_config: bool = False) -> nn.Module:
     """A LoadError for whatever `load_model` with these arguments would refuse, found from the files' layouts without
     reading a weight. Returns the model with its parameters on the meta device, to check what else must fit it
     (LoRA files, embeddings) before loading."""
-    model_config, config_name, state_dict = _prepare(ckpt, config, use_ema, v_prediction, vae, shapes_only=True,
-                                                     trust_config=trust_config)
+    model_config, config_name, state_dict = _prepare(ckpt, config, use_ema, v_prediction, vae, unet,
+                                                     shapes_only=True, trust_config=trust_config)
     model = _build(model_config, config_name, trust_config)
     check_keys(model, state_dict, config_name)
     return model
 
 
 def _prepare(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None, use_ema: bool | None,
-             v_prediction: bool | None, vae: str | os.PathLike | None,
+             v_prediction: bool | None, vae: str | os.PathLike | None, unet: str | os.PathLike | None,
              shapes_only: bool = False, trust_config: bool = False) -> tuple[Any, str, dict[str, torch.Tensor]]:
-    """(model config, its name for messages, the tensors to load: EMA weights chosen, --vae merged)."""
+    """(model config, its name for messages, the tensors to load: EMA weights chosen, --vae and --unet merged)."""
     try:
         state_dict = read_weights(ckpt, shapes_only)
     except CheckpointError as error:
@@ -674,8 +648,12 @@ def _prepare(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None
         config_name, model_config = f"config {config_path.name}", load_config(config_path, trust_config).model
     want_ema = bool(model_config.get("params", {}).get("use_ema", False)) if use_ema is None else use_ema
     state_dict = select_ema(state_dict, want_ema)
-    if vae is not None:
-        state_dict = merge_vae(state_dict, vae, shapes_only)
+    try:
+        for path, part in ((vae, VAE_PART), (unet, UNET_PART)):
+            if path is not None:
+                state_dict = merge_part(state_dict, path, part, shapes_only)
+    except PartError as error:
+        raise LoadError(str(error)) from None
     return model_config, config_name, state_dict
 
 

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--vae", type=str, default=None,
         help="a separate autoencoder whose weights replace the checkpoint's: a file (CompVis or diffusers names) or a "
              "diffusers VAE folder")
+    add("--unet", type=str, default=None,
+        help="a separate UNet whose weights replace the checkpoint's (SDXL-Lightning's and Hyper-SD's *_unet files): "
+             "a file (CompVis or diffusers names) or a diffusers UNet folder")
     add("--ema", action="store_true", help="use the checkpoint's EMA weights (default: as the config says)")
     add("--v_prediction", action="store_true",
         help="an SD 2.x checkpoint predicts v (default: guessed from '768' in the file name); used without --config")

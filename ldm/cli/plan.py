@@ -220,9 +220,10 @@ def check_files(opt: argparse.Namespace) -> None:
             raise UsageError(f"--ckpt {opt.ckpt} is a folder without model_index.json: pass a checkpoint file or a "
                              f"diffusers model folder (model_index.json, unet/, vae/, text_encoder/, scheduler/)")
         raise UsageError(missing_checkpoint_message(opt.ckpt))
-    if opt.vae is not None and not os.path.exists(opt.vae):
-        raise UsageError(f"--vae {opt.vae} not found: pass the path of an autoencoder .ckpt/.safetensors file or "
-                         f"diffusers VAE folder")
+    for flag, path, what in (("--vae", opt.vae, "an autoencoder"), ("--unet", getattr(opt, "unet", None), "a UNet")):
+        if path is not None and not os.path.exists(path):
+            raise UsageError(f"{flag} {path} not found: pass the path of {what} .ckpt/.safetensors file or "
+                             f"diffusers folder")
     if opt.safety_checker is not None and not os.path.isdir(opt.safety_checker):
         raise UsageError(f"--safety_checker {opt.safety_checker} is not a folder: pass a local copy of a safety "
                          f"checker (config.json, preprocessor_config.json and weights); nothing is downloaded")

@@ -41,9 +41,9 @@ PROG = "txt2img.py"
 
 def options_from_flags(opt: argparse.Namespace) -> Options:
     return Options(use_ema=True if opt.ema else None, v_prediction=opt.v_prediction or None, vae=opt.vae,
-                   offload=opt.offload, attention_slicing=opt.attention_slicing, vae_tiling=opt.vae_tiling,
-                   vae_slicing=opt.vae_slicing, compile=opt.compile, cuda_graphs=opt.cuda_graphs,
-                   hash_files=not opt.no_metadata, trust_config=opt.trust_config)
+                   unet=opt.unet, offload=opt.offload, attention_slicing=opt.attention_slicing,
+                   vae_tiling=opt.vae_tiling, vae_slicing=opt.vae_slicing, compile=opt.compile,
+                   cuda_graphs=opt.cuda_graphs, hash_files=not opt.no_metadata, trust_config=opt.trust_config)
 
 
 class Shell:
@@ -103,7 +103,9 @@ class Shell:
                 scheduler = read_folder(opt.ckpt).scheduler
             except FolderError:  # reported when the folder loads
                 pass
-        preset = few_step_preset(opt.ckpt, [path for path, _ in lora_specs(opt.lora)] + tags, scheduler)
+        # a UNet file (SDXL-Lightning's, Hyper-SD's) is what makes the model few-step, as a LoRA does
+        files = ([opt.unet] if opt.unet else []) + [path for path, _ in lora_specs(opt.lora)] + tags
+        preset = few_step_preset(opt.ckpt, files, scheduler)
         if preset is None:
             return
         if preset.unsupported:

@@ -32,9 +32,9 @@ MAX_SIDECAR_BYTES = 16 << 20  # a sidecar of one image is a few hundred bytes
 NEGATIVE_PREFIX = "Negative prompt: "
 
 # Keys sidecars carry that say which model made the image: kept for a warning, not settings.
-INFO_KEYS = ("model", "model_hash", "vae", "lora", "embeddings", "file", "strength", "init_image", "init_image_hash",
-             "refiner", "refiner_switch", "prompt_weighting", "mask", "mask_hash", "controlnet", "controlnet_hash",
-             "control_image", "control_image_hash", "control_scale", "noise_level",
+INFO_KEYS = ("model", "model_hash", "vae", "unet", "lora", "embeddings", "file", "strength", "init_image",
+             "init_image_hash", "refiner", "refiner_switch", "prompt_weighting", "mask", "mask_hash", "controlnet",
+             "controlnet_hash", "control_image", "control_image_hash", "control_scale", "noise_level",
              # AUTOMATIC1111's run options and fields (infotexts and our sidecars)
              "scheduler", "clip_skip", "ensd", "rng", "subseed", "subseed_strength", "seed_resize_from_w",
              "seed_resize_from_h", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "hr_resize_x", "hr_resize_y",
@@ -102,6 +102,7 @@ class ImageRecord:
     model: str = ""
     model_hash: str = ""
     vae: str | None = None
+    unet: str | None = None  # the file that replaced the checkpoint's UNet (--unet)
     lora: str | None = None  # "name:weight, ..." of the LoRA files merged into the model
     embeddings: str | None = None  # "name: hash, ..." of the textual-inversion embeddings the prompts use
     prompt_weighting: bool = False  # prompts read with A1111's weights and chunks (--prompt_weighting)
@@ -113,6 +114,8 @@ class ImageRecord:
             del mapping["prompt_weighting"]
         if self.embeddings is None:  # likewise without --embeddings
             del mapping["embeddings"]
+        if self.unet is None:  # and without --unet
+            del mapping["unet"]
         mapping.update((extra.key, extra.value) for extra in self.extras if extra.key)
         return mapping
 
@@ -181,6 +184,8 @@ def parameters_text(record: ImageRecord) -> str:
         pairs.append(("Model", record.model))
     if record.vae:
         pairs.append(("VAE", record.vae))
+    if record.unet:
+        pairs.append(("UNet", record.unet))
     if record.lora:
         pairs.append(("Lora", record.lora))
     if record.embeddings:
@@ -227,7 +232,8 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
                               "negative_prompt": "\n".join(lines[negative_at:])[len(NEGATIVE_PREFIX):]}
     converters = {"Steps": ("steps", int), "Sampler": ("sampler", str), "CFG scale": ("scale", float),
                   "Seed": ("seed", int), "Model hash": ("model_hash", str), "Model": ("model", str),
-                  "VAE": ("vae", str), "Lora": ("lora", str), "TI hashes": ("embeddings", str), "Eta": ("eta", float),
+                  "VAE": ("vae", str), "UNet": ("unet", str), "Lora": ("lora", str),
+                  "TI hashes": ("embeddings", str), "Eta": ("eta", float),
                   "Denoising strength": ("strength", float), "Init image": ("init_image", str),
                   "Init image hash": ("init_image_hash", str), "Mask": ("mask", str), "Mask hash": ("mask_hash", str),
                   "Refiner": ("refiner", str),

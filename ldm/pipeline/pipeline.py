@@ -54,7 +54,8 @@ def _ignore(message: str) -> None:
 
 @dataclass(frozen=True)
 class Options:
-    """How the model is loaded and run: weights (`use_ema`, `v_prediction`, `vae`), memory modes (`offload`
+    """How the model is loaded and run: weights (`use_ema`, `v_prediction`, `vae`, `unet`: files replacing those
+    parts, see `ldm.weight_parts`), memory modes (`offload`
     "model" | "sequential", `attention_slicing`, `vae_tiling` in tiles of `vae_tile` latent pixels, `vae_slicing`),
     speed (`fast_paths`: fused projections and the device's best kernels, same results to float rounding;
     `compile`, `cuda_graphs`), whether records carry file hashes (`hash_files`, hashed in a background thread), and
@@ -63,6 +64,7 @@ class Options:
     use_ema: bool | None = None
     v_prediction: bool | None = None
     vae: str | None = None
+    unet: str | None = None
     offload: str | None = None
     attention_slicing: bool = False
     vae_tiling: bool = False
@@ -178,9 +180,9 @@ class Pipeline:
         else:
             refuse_special_models(setup.config, setup.ckpt)
         requests = [_with_size(request, _default_size(setup)) for request in requests]
-        # the checkpoint (with the vae) must load with its config: checked on shapes only, nothing read
+        # the checkpoint (with the vae and unet) must load with its config: checked on shapes only, nothing read
         setup.skeleton = check_loadable(ckpt, config_path, use_ema=options.use_ema,
-                                        v_prediction=options.v_prediction, vae=options.vae,
+                                        v_prediction=options.v_prediction, vae=options.vae, unet=options.unet,
                                         trust_config=options.trust_config)
         check_against_model(requests, setup.config)
         if prompt_lora_tags(requests) and not any(isinstance(addon, Loras) for addon in setup.addons):
@@ -209,7 +211,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         model = load_model(setup.ckpt, setup.config_path, device="cpu" if offload else device, dtype=setup.dtype,
                            use_ema=options.use_ema, v_prediction=options.v_prediction, vae=options.vae,
-                           timings=timings, trust_config=options.trust_config)
+                           unet=options.unet, timings=timings, trust_config=options.trust_config)
         pipeline = cls(setup, model, timings)
         for addon in setup.addons:
             addon.change_weights(pipeline)
@@ -364,6 +366,7 @@ class Pipeline:
         height, width = request.size
         fields: dict[str, Any] = {"model": self.model_name, "model_hash": self.model_hash,
                                   "vae": Path(self.options.vae).name if self.options.vae else None,
+                                  "unet": Path(self.options.unet).name if self.options.unet else None,
                                   "prompt_weighting": request.prompt_weighting}
         extras = request_fields(request, index)
         for addon in self.addons:
