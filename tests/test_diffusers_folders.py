@@ -39,6 +39,8 @@ from ldm.loading import (
 from ldm.models.diffusion.noise import ImageNoise
 from ldm.models.diffusion.samplers import sample
 from ldm.modules.attention import CrossAttention
+from ldm.pipeline import Pipeline, Request
+from ldm.pipeline.metadata import parameters_text
 
 DDIM = dict(clip_sample=False, timestep_spacing="leading", **SCHEDULE)
 STEPS, SCALE = 4, 6.0
@@ -334,3 +336,25 @@ def test_released_models_at_full_size_translate_exactly(name, family):
     unused = "cond_stage_model.model.text_projection"  # SD 2.x folders hold none: built empty
     assert {key: value.shape for key, value in rebuilt.state_dict().items() if key != unused} == {
         key: value.shape for key, value in weights.items() if key != unused}
+
+
+@torch.no_grad()
+def test_ddim_on_trailing_timesteps_through_a_request_is_diffusers_ddim_trailing(folders):
+    """Hyper-SD's and Lightning's "DDIM with trailing timesteps": `Request(sampler="ddim", scheduler="trailing")` on
+    the SD 1.x folder gives diffusers' pipeline image with DDIMScheduler(timestep_spacing="trailing") from the same
+    starting noise; the record says so."""
+    pipeline = Pipeline.from_checkpoint(str(folders["v1"]), hash_files=False)
+    request = Request(PROMPT, NEGATIVE, seed=21, steps=STEPS, sampler="ddim", scheduler="trailing", scale=SCALE,
+                      height=64, width=64)
+    result = pipeline(request)
+    x_T = pipeline.noise(request).randn((1, 4, 8, 8), device=torch.device("cpu"), dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folders["v1"]), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=STEPS,
+                     guidance_scale=SCALE, latents=x_T, output_type="np").images[0]
+    assert np.abs(result.pixels[0].astype(int) - np.round(reference * 255).astype(int)).max() <= 1
+    leading = pipeline(request.replace(scheduler="leading"))
+    assert not np.array_equal(leading.pixels, result.pixels)  # a different spacing, a different image
+    assert np.array_equal(leading.pixels, pipeline(request.replace(scheduler=None)).pixels)  # CompVis' own spacing
+    assert "Schedule type: Trailing" in parameters_text(result.records[0])

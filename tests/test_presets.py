@@ -19,8 +19,8 @@ from toy_diffusion import NonlinearToyDiffusion
     ("sd_xl_base_1.0.safetensors", ["sdxl_lightning_4step_lora.safetensors"], ("euler", "Trailing", 4, 1.0)),
     ("sdxl_lightning_8step.safetensors", [], ("euler", "Trailing", 8, 1.0)),
     ("sdxl_lightning_2step_unet.safetensors", [], ("euler", "Trailing", 2, 1.0)),
-    ("v1-5.ckpt", ["Hyper-SD15-8steps-lora.safetensors"], ("euler", "Trailing", 8, 1.0)),
-    ("x.ckpt", ["Hyper-SDXL-12steps-CFG-lora.safetensors"], ("euler", "Trailing", 12, 5.0)),
+    ("v1-5.ckpt", ["Hyper-SD15-8steps-lora.safetensors"], ("ddim", "Trailing", 8, 1.0)),
+    ("x.ckpt", ["Hyper-SDXL-12steps-CFG-lora.safetensors"], ("ddim", "Trailing", 12, 5.0)),
     ("x.ckpt", ["Hyper-SDXL-1step-lora.safetensors"], ("lcm", "LCM", 1, 1.0)),
     ("Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors", [], ("lcm", "LCM", 1, 1.0)),
     ("x.ckpt", ["lcm-lora-sdv1-5"], ("lcm", "LCM", 4, 1.0)),  # a <lora:lcm-lora-sdv1-5:1> tag's name
@@ -115,7 +115,12 @@ def test_the_scripts_apply_a_preset_where_no_flag_was_given(run_named):
     assert "applied its authors' settings --sampler euler --scheduler Trailing (a flag you give wins)" in err
     assert "Steps: 3, Sampler: Euler, CFG scale: 2," in infotext and "Schedule type: Trailing" in infotext
 
-    status, err, infotext = run_named("sdxl_lightning_2step.ckpt", "--sampler", "ddim")  # takes no schedule type
+    status, err, infotext = run_named("sdxl_lightning_2step.ckpt", "--sampler", "ddim")  # DDIM on trailing steps
+    assert status == 0, err
+    assert "applied its authors' settings --scheduler Trailing --ddim_steps 2 --scale 1" in err
+    assert "Sampler: DDIM," in infotext and "Schedule type: Trailing" in infotext
+
+    status, err, infotext = run_named("sdxl_lightning_2step.ckpt", "--sampler", "dpm_solver")  # takes no schedule
     assert status == 0, err
     assert "applied its authors' settings --ddim_steps 2 --scale 1" in err and "Schedule type" not in infotext
 

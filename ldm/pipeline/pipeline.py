@@ -26,7 +26,7 @@ from ldm.devices import accelerator_memory, choose_device, choose_dtype
 from ldm.loading import (LoadError, check_loadable, checkpoint_hash, checkpoint_shapes, load_config, load_model,
                          resolve_config)
 from ldm.models.diffusion.noise import ImageNoise
-from ldm.models.diffusion.samplers import sample, sampler_display_name
+from ldm.models.diffusion.samplers import compvis_spacing, sample, sampler_display_name
 from ldm.models.diffusion.schedule import NoiseSchedule
 from ldm.models.diffusion.schedule_types import a1111_sigmas
 from ldm.modules.encoders.modules import clip_skip_encoders, use_clip_skip
@@ -330,6 +330,11 @@ class Pipeline:
             if made is not None:
                 return made
         request = call.request
+        spacing = compvis_spacing(call.sampler, request.scheduler) if call.sampler == request.sampler else None
+        if spacing is not None:  # DDIM / PLMS: the schedule type is a spacing of their timesteps
+            latents = sample(self.model, call.sampler, call.steps, self.latent_shape(request), call.cond,
+                             call.uncond, request.scale, self.noise(request), eta=call.eta, ddim_discretize=spacing)
+            return latents, call.steps
         latents = sample(self.model, call.sampler, call.steps, self.latent_shape(request), call.cond, call.uncond,
                          request.scale, self.noise(request), eta=call.eta,
                          sigmas=self.sigmas(request, call.sampler, call.steps))

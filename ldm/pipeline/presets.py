@@ -73,8 +73,9 @@ def _hyper_sd(match: re.Match[str], source: str) -> Preset:
     # guidance_scale=0; the CFG-preserved LoRAs with guidance 5 (5 to 8) and negative prompts; the 1-step "unified"
     # LoRA with TCDScheduler (eta 1.0), 1 step (1 to 8 work); the 1-step SDXL UNet with LCMScheduler from timestep 800
     steps, base = int(match["steps"]), "Hyper-SDXL" if match["base"].lower() == "xl" else "Hyper-SD15"
-    equivalent = ("DDIM with trailing timesteps, run as Euler on Trailing: the same steps, except that diffusers' DDIM "
-                  "stops at sigma 0.029 instead of 0")
+    # diffusers' DDIM steps from t to t - T // n; ours to the next trailing timestep: the same when n divides 1000
+    uneven = None if 1000 % steps == 0 else (f"diffusers' DDIM steps from each timestep t to t - {1000 // steps}, "
+                                             "here to the next trailing timestep, up to one step of 1,000 apart")
     if match["kind"].lower() == "unet":
         return Preset(f"{base} {steps}-step UNet", source, "lcm", "LCM", 1, 1.0,
                       note="the authors start its one step at timestep 800; here it starts at 999")
@@ -83,9 +84,9 @@ def _hyper_sd(match: re.Match[str], source: str) -> Preset:
                       note="the authors' TCD sampler (eta 1) is run as LCM: the same jumps to the clean estimate and "
                            "fresh noise; 1 to 8 steps work")
     if match["cfg"]:
-        return Preset(f"{base} {steps}-step CFG LoRA", source, "euler", "Trailing", steps, 5.0,
-                      note=f"{equivalent}; guidance 5 to 8 with a negative prompt")
-    return Preset(f"{base} {steps}-step LoRA", source, "euler", "Trailing", steps, 1.0, note=equivalent)
+        return Preset(f"{base} {steps}-step CFG LoRA", source, "ddim", "Trailing", steps, 5.0,
+                      note="; ".join(filter(None, [uneven, "guidance 5 to 8 with a negative prompt"])))
+    return Preset(f"{base} {steps}-step LoRA", source, "ddim", "Trailing", steps, 1.0, note=uneven or "")
 
 
 def _lcm(model: str) -> Callable[[re.Match[str], str], Preset]:

@@ -81,9 +81,11 @@ def check_scheduler(sampler: str, scheduler: str, where: str) -> str:
         label = schedule_type(scheduler).label
     except ValueError as error:
         raise UsageError(f"{where}: {error}") from None
-    if label != "Automatic" and not isinstance(samplers.resolve_sampler(sampler), samplers.KSamplerSpec):
+    if label != "Automatic" and not isinstance(samplers.resolve_sampler(sampler), samplers.KSamplerSpec) \
+            and samplers.compvis_spacing(sampler, label) is None:
+        takes = " (it takes Leading or Trailing)" if samplers.compvis_spacing(sampler, None) else ""
         raise UsageError(f"{where}: {sampler} steps through the model's own timesteps and takes no schedule type "
-                         f"({label}): use a k-diffusion sampler such as euler or dpmpp_2m, or leave it out")
+                         f"{label}{takes}: use a k-diffusion sampler such as euler or dpmpp_2m, or leave it out")
     return label
 
 

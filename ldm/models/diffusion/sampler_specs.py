@@ -215,10 +215,17 @@ class CompVisSamplerSpec(SamplerSpec):
     def can_start_from_image(self) -> bool:
         return hasattr(self.sampler_class, "stochastic_encode") and hasattr(self.sampler_class, "decode")
 
+    @property
+    def takes_ddim_discretize(self) -> bool:
+        """Whether its timesteps can be spaced otherwise than CompVis' uniform spacing (DDIM, PLMS: "trailing")."""
+        return "ddim_discretize" in inspect.signature(self.sampler_class.sample).parameters
+
     def sample(self, model: Any, steps: int, x_T: torch.Tensor, cond: Any, uncond: Any, scale: float,
                noise: ImageNoise, eta: float | None = None, callback: Callback | None = None,
-               disable: bool | None = None, known: KnownLatents | None = None, **options: Any) -> torch.Tensor:
+               disable: bool | None = None, known: KnownLatents | None = None, ddim_discretize: str = "uniform",
+               **options: Any) -> torch.Tensor:
         _refuse_sigmas(self, options)
+        spacing = {"ddim_discretize": ddim_discretize} if ddim_discretize != "uniform" else {}
         sampler = self.sampler_class(_around_model(model, known))
         img_callback = None
         if callback is not None:
@@ -227,7 +234,7 @@ class CompVisSamplerSpec(SamplerSpec):
         samples, _ = sampler.sample(S=steps, batch_size=x_T.shape[0], shape=x_T.shape[1:], conditioning=cond,
                                     eta=0.0 if eta is None else eta, x_T=x_T, noise=noise, verbose=not disable,
                                     unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                                    img_callback=img_callback)
+                                    img_callback=img_callback, **spacing)
         return samples
 
     def sample_img2img(self, model: Any, steps: int, x_init: torch.Tensor, t_enc: int, cond: Any, uncond: Any,

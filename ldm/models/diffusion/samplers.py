@@ -151,7 +151,7 @@ def sample(model: Any, name: str, steps: int, shape: Sequence[int], cond: Any, u
            callback: Callback | None = None, disable: bool | None = None,
            known: KnownLatents | None = None, *, quantize: bool = False, sigmas: torch.Tensor | None = None,
            discard_next_to_last_sigma: bool = False, tree_seeds: Sequence[int] | None = None,
-           tree_randn: RandnSource | None = None) -> torch.Tensor:
+           tree_randn: RandnSource | None = None, ddim_discretize: str = "uniform") -> torch.Tensor:
     """Latents [B, C, H, W] = `shape` sampled by sampler `name` in `steps` steps, with classifier-free guidance
     `scale` between `cond` and `uncond`.
 
@@ -168,7 +168,8 @@ def sample(model: Any, name: str, steps: int, shape: Sequence[int], cond: Any, u
     `discard_next_to_last_sigma`, AUTOMATIC1111's rule for DPM2, DPM2 a and DPM++ 3M SDE (see the entries'
     attribute); `tree_seeds` and `tree_randn`, the seeds and the random source of the Brownian trees of the SDE
     samplers (default: `noise`'s image seeds and random source, as AUTOMATIC1111 seeds them; see
-    `KSamplerSpec.noise_sampler`).
+    `KSamplerSpec.noise_sampler`). DDIM and PLMS take `ddim_discretize` instead: their timesteps' spacing,
+    "uniform" (CompVis', diffusers' "leading" with steps_offset 1) or "trailing" (see `compvis_spacing`).
     """
     spec = resolve_sampler(name)
     shape = tuple(int(size) for size in shape)
@@ -177,10 +178,28 @@ def sample(model: Any, name: str, steps: int, shape: Sequence[int], cond: Any, u
         x_T = noise.randn(shape, device=model.device, dtype=torch.float32)
     elif tuple(x_T.shape) != shape:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+    options = _k_options(quantize, sigmas, discard_next_to_last_sigma, tree_seeds, tree_randn)
+    if ddim_discretize != "uniform":
+        if not getattr(spec, "takes_ddim_discretize", False):
+            raise ValueError(f"sampler {name!r} takes no ddim_discretize: only ddim and plms space their timesteps")
+        options["ddim_discretize"] = ddim_discretize
     latents = spec.sample(model, steps, x_T, cond, uncond, scale, noise, eta=eta, callback=callback, disable=disable,
-                          known=known, **_k_options(quantize, sigmas, discard_next_to_last_sigma, tree_seeds,
-                                                    tree_randn))
+                          known=known, **options)
     return _paste_known(latents, known)
+
+
+# schedule types (their labels) that DDIM and PLMS run as a spacing of their timesteps
+COMPVIS_SPACINGS = {"Automatic": "uniform", "Leading": "uniform", "Trailing": "trailing"}
+
+
+def compvis_spacing(sampler: str, schedule_label: str | None) -> str | None:
+    """The `ddim_discretize` a CompVis sampler (DDIM, PLMS) runs a schedule type as: "uniform" for Automatic and
+    diffusers' Leading (with steps_offset 1, CompVis' own spacing), "trailing" for Trailing; None when the sampler
+    or the schedule type has no such spacing."""
+    spec = resolve_sampler(sampler)
+    if not getattr(spec, "takes_ddim_discretize", False):
+        return None
+    return COMPVIS_SPACINGS.get(schedule_label or "Automatic")
 
 
 def _k_options(quantize: bool, sigmas: torch.Tensor | None, discard_next_to_last_sigma: bool,
