@@ -14,9 +14,15 @@ import pytest
 import torch
 import transformers
 from checkpoint_factory import TEST_CONFIGS, make_tiny_checkpoint, make_tiny_xl_checkpoint, write_checkpoint
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.loaders import single_file_utils
 from omegaconf import OmegaConf
+from PIL import Image
 from reference_sd import NEGATIVE, PROMPT, SCHEDULE, diffusers_pipeline, diffusers_unet_and_vae
 from reference_sdxl import diffusers_parts
 from reference_text import for_transformers, hf_text_config
@@ -165,8 +171,6 @@ def test_same_image_as_diffusers_pipeline_from_the_same_folder(folders, name):
 
 
 def test_txt2img_runs_a_folder_without_config(folders, tmp_path):
-    from PIL import Image
-
     from ldm.cli.txt2img import main
 
     outdir = tmp_path / "out"
@@ -358,3 +362,34 @@ def test_ddim_on_trailing_timesteps_through_a_request_is_diffusers_ddim_trailing
     assert not np.array_equal(leading.pixels, result.pixels)  # a different spacing, a different image
     assert np.array_equal(leading.pixels, pipeline(request.replace(scheduler=None)).pixels)  # CompVis' own spacing
     assert "Schedule type: Trailing" in parameters_text(result.records[0])
+
+
+def test_sdxl_base_and_refiner_folders_make_the_single_files_image(tiny_xl_checkpoints, hf_vocabulary, tmp_path,
+                                                                   capsys):
+    """A base folder with --refiner a refiner folder (text_encoder_2 alone): the same pixels as the two single files
+    the folders were made from, with the same flags."""
+    from ldm.cli.txt2img import main
+
+    base = StableDiffusionXLPipeline(**diffusers_parts(tiny_xl_checkpoints["xl"], "xl", hf_vocabulary),
+                                     scheduler=DDIMScheduler(**DDIM))
+    base.save_pretrained(tmp_path / "base")
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        **diffusers_parts(tiny_xl_checkpoints["xl-refiner"], "xl-refiner", hf_vocabulary), text_encoder=None,
+        tokenizer=None, scheduler=DDIMScheduler(**DDIM), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False)  # as the released refiner's model_index.json says
+    refiner.save_pretrained(tmp_path / "refiner")
+    assert resolve_config(tmp_path / "refiner").name == "sd_xl_refiner.yaml"
+    # the single files with their tiny configs (the refiner's beside it, as its own); folders need none
+    refiner_file = Path(shutil.copy(tiny_xl_checkpoints["xl-refiner"], tmp_path / "refiner_file.safetensors"))
+    shutil.copy(TEST_CONFIGS / "tiny-xl-refiner.yaml", tmp_path / "refiner_file.yaml")
+    flags = ["--prompt", PROMPT, "--H", "64", "--W", "64", "--ddim_steps", "4", "--n_samples", "1", "--n_iter", "1",
+             "--seed", "5", "--sampler", "euler", "--scale", "5", "--skip_grid", "--no_metadata"]
+    made = {}
+    for name, (ckpt, refiner_path, configs) in {
+            "folders": (tmp_path / "base", tmp_path / "refiner", []),
+            "files": (tiny_xl_checkpoints["xl"], refiner_file, ["--config", str(TEST_CONFIGS / "tiny-xl.yaml")])}.items():
+        status = main(["--ckpt", str(ckpt), "--refiner", str(refiner_path), *configs, *flags,
+                       "--outdir", str(tmp_path / name)])
+        assert status == 0, capsys.readouterr().err
+        made[name] = np.array(Image.open(tmp_path / name / "samples" / "00000.png"))
+    assert np.array_equal(made["folders"], made["files"]) and made["files"].std() > 1
