@@ -100,6 +100,14 @@ def _inner(rest: str, table: Mapping[str, str]) -> str:
     return rest
 
 
+BLOCK_PARTS = {"resnets": 0, "attentions": 1}  # their positions in a block of ours: res block, then attention
+
+
+def _block_part(block: str, kind: str, rest: str) -> str:
+    """A res block's or attention's name inside our `block` (`input_blocks.4`): res blocks' layers renamed."""
+    return f"{block}.{BLOCK_PARTS[kind]}.{_inner(rest, RES_BLOCK) if kind == 'resnets' else rest}"
+
+
 def ldm_unet_name(name: str, layout: UNetLayout) -> str:
     """diffusers' dotted UNet module or parameter name as ours, under `model.diffusion_model.` (without it):
     `down_blocks.1.resnets.0.conv1.weight` -> `input_blocks.4.0.in_layers.2.weight` for two res blocks per level.
@@ -111,10 +119,8 @@ def ldm_unet_name(name: str, layout: UNetLayout) -> str:
     if head == ["down_blocks"]:
         (_, level, kind, index), rest = _split(name, 4)
         level, index = int(level), int(index)
-        if kind == "resnets":
-            return f"input_blocks.{layout.input_index(level, index)}.0.{_inner(rest, RES_BLOCK)}"
-        if kind == "attentions":
-            return f"input_blocks.{layout.input_index(level, index)}.1.{rest}"
+        if kind in BLOCK_PARTS:
+            return _block_part(f"input_blocks.{layout.input_index(level, index)}", kind, rest)
         if kind == "downsamplers" and index == 0 and (rest == "conv" or rest.startswith("conv.")):
             return f"input_blocks.{layout.input_index(level, layout.num_res_blocks[level])}.0.op{rest[4:]}"
     elif head == ["mid_block"]:
@@ -122,14 +128,12 @@ def ldm_unet_name(name: str, layout: UNetLayout) -> str:
         if kind == "resnets":
             return f"middle_block.{2 * int(index)}.{_inner(rest, RES_BLOCK)}"
         if kind == "attentions" and index == "0":
-            return f"middle_block.1.{rest}"
+            return _block_part("middle_block", kind, rest)
     elif head == ["up_blocks"]:
         (_, level, kind, index), rest = _split(name, 4)
         level, index = int(level), int(index)
-        if kind == "resnets":
-            return f"output_blocks.{layout.output_index(level, index)}.0.{_inner(rest, RES_BLOCK)}"
-        if kind == "attentions":
-            return f"output_blocks.{layout.output_index(level, index)}.1.{rest}"
+        if kind in BLOCK_PARTS:
+            return _block_part(f"output_blocks.{layout.output_index(level, index)}", kind, rest)
         if kind == "upsamplers" and index == 0:
             last = layout.num_res_blocks[::-1][level]
             position = 2 if layout.up_attention[level] else 1

@@ -387,7 +387,8 @@ def test_sdxl_base_and_refiner_folders_make_the_single_files_image(tiny_xl_check
     made = {}
     for name, (ckpt, refiner_path, configs) in {
             "folders": (tmp_path / "base", tmp_path / "refiner", []),
-            "files": (tiny_xl_checkpoints["xl"], refiner_file, ["--config", str(TEST_CONFIGS / "tiny-xl.yaml")])}.items():
+            "files": (tiny_xl_checkpoints["xl"], refiner_file,
+                      ["--config", str(TEST_CONFIGS / "tiny-xl.yaml")])}.items():
         status = main(["--ckpt", str(ckpt), "--refiner", str(refiner_path), *configs, *flags,
                        "--outdir", str(tmp_path / name)])
         assert status == 0, capsys.readouterr().err
