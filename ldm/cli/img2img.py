@@ -9,11 +9,11 @@ from typing import Any, Sequence
 
 from ldm.checkpoints import model_hash
 from ldm.cli import arguments
-from ldm.cli.arguments import refuse_flags
+from ldm.cli.arguments import refuse_flags, sampler_from_flags
 from ldm.cli.plan import peek_config
 from ldm.cli.txt2img import Shell
 from ldm.cli.txt2img import main as run_main
-from ldm.models.diffusion.samplers import img2img_steps
+from ldm.models.diffusion.samplers import IMG2IMG_RULES, img2img_rule, img2img_steps
 from ldm.pipeline import AddOn, InitImage
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.images import load_image
@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strength", type=float, default=0.75,
                         help="strength for noising/unnoising: 0 keeps the init image, 1.0 destroys all of its "
                              "information; int(strength * ddim_steps) steps run")
+    parser.add_argument("--img2img_steps", type=str, choices=IMG2IMG_RULES, default="diffusers",
+                        help="how k-diffusion samplers count the steps a --strength runs: diffusers = "
+                             "int(strength * ddim_steps) (CompVis, diffusers), a1111 = one more, from one sigma "
+                             "higher, as AUTOMATIC1111 does (the default for its infotexts); ddim is CompVis' either "
+                             "way")
     return parser
 
 
@@ -153,11 +158,12 @@ class Img2ImgShell(Shell):
 
     def sampling_addon(self) -> AddOn | None:
         image_hash = file_hash(self, self.opt.init_img, self.recorded_init_hash, "init image")
-        return InitImage(self.init_image, self.opt.strength, self.opt.init_img, image_hash)
+        return InitImage(self.init_image, self.opt.strength, self.opt.init_img, image_hash, self.opt.img2img_steps)
 
     def load(self) -> None:
         super().load()
-        t_enc = img2img_steps(self.opt.ddim_steps, self.opt.strength)
+        t_enc = img2img_steps(self.opt.ddim_steps, self.opt.strength,
+                              img2img_rule(sampler_from_flags(self.opt), self.opt.img2img_steps))
         print(f"target t_enc is {t_enc} steps", flush=True)
         if t_enc == 0 and self.opt.strength > 0:
             self.note(f"--strength {self.opt.strength} of {self.opt.ddim_steps} steps runs no step: the images are "

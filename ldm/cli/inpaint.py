@@ -82,7 +82,8 @@ class InpaintShell(Img2ImgShell):
             self.note(f"the mask is {self.mask_image.size[0]}x{self.mask_image.size[1]}, the init image "
                       f"{self.init_image.size[0]}x{self.init_image.size[1]}: both are resized to {opt.W}x{opt.H} "
                       f"(as diffusers does)")
-        addon = Inpaint(self.init_image, self.mask_image, opt.strength, opt.init_img, image_hash, opt.mask)
+        addon = Inpaint(self.init_image, self.mask_image, opt.strength, opt.init_img, image_hash, opt.mask,
+                        steps_rule=opt.img2img_steps)
         if not addon.has_white:
             self.note(f"the mask {opt.mask} has no white (>= 50% grey): nothing will be repainted")
         addon.mask_hash = file_hash(self, opt.mask, self.recorded_mask_hash, "mask")

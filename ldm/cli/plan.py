@@ -108,7 +108,8 @@ RUN_OPTIONS = {"clip_skip": "clip_skip", "ensd": "ensd", "rng": "rng", "subseed"
                "subseed_strength": "subseed_strength", "seed_resize_from_w": "seed_resize_from_w",
                "seed_resize_from_h": "seed_resize_from_h", "hr_scale": "hr_scale",
                "hr_second_pass_steps": "hr_second_pass_steps", "hr_upscaler": "hr_upscaler",
-               "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y", "scheduler": "scheduler"}
+               "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y", "scheduler": "scheduler",
+               "img2img_steps": "img2img_steps"}
 HIRES_KEYS = ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps")
 
 
@@ -125,6 +126,7 @@ def apply_recorded_options(opt: argparse.Namespace, record: dict[str, Any]) -> N
                                                                                 record.get("scheduler"))
         if str(record.get("emphasis", "Original")).lower() != "none":
             record.setdefault("prompt_weighting", True)
+        record.setdefault("img2img_steps", "a1111")  # how its img2img counts steps (scripts with --img2img_steps)
     if any(key in record for key in HIRES_KEYS) and "strength" in record:
         record["denoising_strength"] = record.pop("strength")  # txt2img's: the hires pass's
     for key, flag in {**RUN_OPTIONS, "denoising_strength": "denoising_strength"}.items():

@@ -39,7 +39,7 @@ INFO_KEYS = ("model", "model_hash", "vae", "unet", "lora", "embeddings", "file",
              "scheduler", "clip_skip", "ensd", "rng", "subseed", "subseed_strength", "seed_resize_from_w",
              "seed_resize_from_h", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "hr_resize_x", "hr_resize_y",
              "denoising_strength", "lora_hashes", "emphasis", "version", "vae_hash", "ignored_fields",
-             "seed_resize_from")
+             "seed_resize_from", "img2img_steps")
 
 INFO_NUMBERS = ("strength", "refiner_switch", "control_scale", "noise_level", "clip_skip", "ensd", "subseed",
                 "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "hr_scale", "hr_second_pass_steps",
@@ -211,6 +211,7 @@ A1111_FIELDS: dict[str, tuple[str, Any]] = {
     "Hires steps": ("hr_second_pass_steps", int), "Hires upscaler": ("hr_upscaler", str),
     "Eta DDIM": ("eta_ddim", float), "Lora hashes": ("lora_hashes", str), "Emphasis": ("emphasis", str),
     "Version": ("version", str), "VAE hash": ("vae_hash", str),
+    "Img2img steps": ("img2img_steps", lambda value: value.strip().lower()),  # this tool's, for --img2img_steps
 }
 SIZE_FIELDS = {"Size": ("W", "H"), "Seed resize from": ("seed_resize_from_w", "seed_resize_from_h"),
                "Hires resize": ("hr_resize_x", "hr_resize_y")}

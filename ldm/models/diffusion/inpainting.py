@@ -138,10 +138,11 @@ class _PastingModel(_FirstCallSkipper):
 
 def sample_inpaint(model: Any, name: str, steps: int, inputs: InpaintingInputs, strength: float, cond: Any,
                    uncond: Any, scale: float, noise: ImageNoise, eta: float | None = None,
-                   disable: bool | None = None) -> torch.Tensor:
+                   disable: bool | None = None, steps_rule: str = "diffusers") -> torch.Tensor:
     """Latents [B, C, h, w] (B = len(noise)) of the init image repainted where `inputs.mask` is 1, by sampler `name`
-    over `steps` steps (the last int(strength * steps) of them below strength 1), with classifier-free guidance
-    `scale` between text conditionings `cond` and `uncond` (uncond None: no guidance)."""
+    over `steps` steps (the last int(strength * steps) of them below strength 1, or as `steps_rule` counts them:
+    see `sample_img2img`), with classifier-free guidance `scale` between text conditionings `cond` and `uncond`
+    (uncond None: no guidance)."""
     inpainting = is_inpainting_model(model)
     if not (inpainting and strength == 1.0) and not resolves_img2img(name):
         raise ValueError(f"sampler {name!r} cannot inpaint here (it cannot start from an image or paste latents "
@@ -166,4 +167,4 @@ def sample_inpaint(model: Any, name: str, steps: int, inputs: InpaintingInputs, 
         return sample(model, name, steps, shape, cond, uncond, scale, noise, x_T=start_noise, eta=eta,
                       disable=disable, known=known)
     return sample_img2img(model, name, steps, x_init, strength, cond, uncond, scale, noise, eta=eta, disable=disable,
-                          start_noise=start_noise, known=known)
+                          start_noise=start_noise, known=known, steps_rule=steps_rule)

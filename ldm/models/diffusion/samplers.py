@@ -208,11 +208,28 @@ def _k_options(quantize: bool, sigmas: torch.Tensor | None, discard_next_to_last
             "tree_seeds": tree_seeds, "tree_randn": tree_randn}
 
 
-def img2img_steps(steps: int, strength: float) -> int:
-    """How many of `steps` an img2img run with `strength` takes: int(strength * steps), as CompVis counts t_enc."""
+IMG2IMG_RULES = ("diffusers", "a1111")
+A1111_MAX_STRENGTH = 0.999  # AUTOMATIC1111's setup_img2img_steps caps the denoising strength here
+
+
+def img2img_steps(steps: int, strength: float, rule: str = "diffusers") -> int:
+    """How many of `steps` an img2img run with `strength` takes. "diffusers": int(strength * steps), as CompVis
+    counts t_enc and diffusers its init timestep. "a1111": one more, int(min(strength, 0.999) * steps) + 1, as
+    AUTOMATIC1111's k-diffusion img2img runs `sigmas[steps - t_enc - 1:]` (sd_samplers_kdiffusion.sample_img2img,
+    with sd_samplers_common.setup_img2img_steps' t_enc): from one sigma higher, one step more."""
     if not 0.0 <= strength <= 1.0:  # also refuses NaN
         raise ValueError(f"strength must lie in [0, 1] (0 keeps the image, 1 replaces it), got {strength}")
+    if rule not in IMG2IMG_RULES:
+        raise ValueError(f"img2img steps rule {rule!r} is not one of {', '.join(IMG2IMG_RULES)}")
+    if rule == "a1111":
+        return int(min(strength, A1111_MAX_STRENGTH) * steps) + 1
     return int(strength * steps)
+
+
+def img2img_rule(name: str, rule: str) -> str:
+    """The rule sampler `name` counts its img2img steps by: `rule` for the k-diffusion samplers, "diffusers" for
+    the others (DDIM runs CompVis' img2img whatever the rule)."""
+    return rule if isinstance(resolve_sampler(name), KSamplerSpec) else "diffusers"
 
 
 def sample_img2img(model: Any, name: str, steps: int, x_init: torch.Tensor, strength: float, cond: Any, uncond: Any,
@@ -220,24 +237,25 @@ def sample_img2img(model: Any, name: str, steps: int, x_init: torch.Tensor, stre
                    start_noise: torch.Tensor | None = None, known: KnownLatents | None = None, *,
                    quantize: bool = False, sigmas: torch.Tensor | None = None,
                    discard_next_to_last_sigma: bool = False, tree_seeds: Sequence[int] | None = None,
-                   tree_randn: RandnSource | None = None) -> torch.Tensor:
+                   tree_randn: RandnSource | None = None, steps_rule: str = "diffusers") -> torch.Tensor:
     """Latents [B, C, H, W] made from clean latents `x_init` of that shape: noised part of the way, then denoised by
     sampler `name` over the last t_enc = int(`strength` * `steps`) steps of its `steps`-step schedule (SDEdit,
-    Meng et al. 2021). The noise comes from `noise`, after whatever the caller drew from it for `x_init`.
+    Meng et al. 2021); with `steps_rule` "a1111" the k-diffusion samplers count t_enc as AUTOMATIC1111 does (one
+    more, see `img2img_steps`). The noise comes from `noise`, after whatever the caller drew from it for `x_init`.
 
     ddim does what CompVis' img2img does: `stochastic_encode` to DDIM step t_enc, one step above the first step it
     takes, then `decode` through t_enc steps; t_enc = 0 returns those noised latents. Where t_enc is past the last
     DDIM step (strength 1, on which CompVis fails with an index error) it starts from pure noise, as txt2img does.
     The k-diffusion samplers noise to their schedule's sigma at the first step they take and run the schedule's last
-    t_enc + 1 sigmas, as A1111 and diffusers do; t_enc = 0 returns `x_init`. plms and dpm_solver cannot start from
-    an image (CompVis refuses plms there too); DDIM CFG++ noises as AUTOMATIC1111 does (`DDIMCFGPPSpec`).
+    t_enc + 1 sigmas, as diffusers does (and AUTOMATIC1111, whose own t_enc is one less); t_enc = 0 returns
+    `x_init`. plms and dpm_solver cannot start from an image (CompVis refuses plms there too); DDIM CFG++ noises as AUTOMATIC1111 does (`DDIMCFGPPSpec`).
     `start_noise` is the unit noise to noise `x_init` with (drawn from `noise` when None); `known` and the
     k-diffusion keywords are as for `sample` (a given `sigmas` is the whole schedule, of which the last t_enc + 1
     run; the Brownian trees span all of it, as AUTOMATIC1111's do).
     """
     spec = resolve_sampler(name)
     spec.check_request(steps, tuple(x_init.shape), noise, eta)
-    t_enc = img2img_steps(steps, strength)
+    t_enc = img2img_steps(steps, strength, img2img_rule(name, steps_rule))
     latents = spec.sample_img2img(model, steps, x_init, t_enc, cond, uncond, scale, noise, eta=eta, disable=disable,
                                   start_noise=start_noise, known=known,
                                   **_k_options(quantize, sigmas, discard_next_to_last_sigma, tree_seeds, tree_randn))

@@ -17,7 +17,8 @@ import torch
 
 from ldm.models.diffusion.inpainting import (InpaintingInputs, is_inpainting_model, latent_mask, masked_image,
                                              sample_inpaint)
-from ldm.models.diffusion.samplers import encoded_latents, img2img_steps, resolves_img2img, sample_img2img
+from ldm.models.diffusion.samplers import (IMG2IMG_RULES, encoded_latents, img2img_rule, img2img_steps,
+                                          resolves_img2img, sample_img2img)
 from ldm.pipeline.addons.base import AddOn, SampleCall
 from ldm.pipeline.decoding import first_stage_dtype
 from ldm.pipeline.errors import UsageError
@@ -45,14 +46,19 @@ def check_samplers_start_from_image(requests: Sequence[Request], what: str, why:
 
 class InitImage(AddOn):
     """img2img from the RGB PIL `image` (read from `path`, hashed as `image_hash` for the metadata) at `strength`:
-    0 keeps the image, 1 replaces it; int(strength * steps) of a request's steps run."""
+    0 keeps the image, 1 replaces it; int(strength * steps) of a request's steps run, or with `steps_rule` "a1111"
+    as many as AUTOMATIC1111 runs with a k-diffusion sampler (one more; `img2img_steps`)."""
 
     samples = True
 
-    def __init__(self, image: Any, strength: float = 0.75, path: str = "", image_hash: str = ""):
+    def __init__(self, image: Any, strength: float = 0.75, path: str = "", image_hash: str = "",
+                 steps_rule: str = "diffusers"):
         if not 0.0 <= strength <= 1.0:  # also refuses NaN
             raise UsageError(f"--strength {strength} is outside [0, 1]: 0 keeps the init image, 1 replaces it")
+        if steps_rule not in IMG2IMG_RULES:
+            raise UsageError(f"--img2img_steps {steps_rule} is not one of {', '.join(IMG2IMG_RULES)}")
         self.image, self.strength, self.path, self.image_hash = image, float(strength), path, image_hash
+        self.steps_rule = steps_rule
         self.posteriors: dict[tuple[int, int], Any] = {}  # (W, H) -> the encoded init image at that size
 
     def check_model_kind(self, config: Any, ckpt: str) -> None:
@@ -79,13 +85,18 @@ class InitImage(AddOn):
         noise = pipeline.noise(request)
         x_init = encoded_latents(pipeline.model, self.posterior(pipeline.model, width, height), noise)
         latents = sample_img2img(pipeline.model, call.sampler, call.steps, x_init, self.strength, call.cond,
-                                 call.uncond, request.scale, noise, eta=call.eta)
-        return latents, img2img_steps(call.steps, self.strength)
+                                 call.uncond, request.scale, noise, eta=call.eta, steps_rule=self.steps_rule)
+        return latents, self.steps_run(call)
+
+    def steps_run(self, call: SampleCall) -> int:
+        return img2img_steps(call.steps, self.strength, img2img_rule(call.sampler, self.steps_rule))
 
     def record(self, request: Request, index: int) -> dict[str, Any]:
         extras = [ExtraField("strength", self.strength, "Denoising strength", repr(self.strength)),
                   ExtraField("init_image", self.path, "Init image", Path(self.path).name),
                   ExtraField("init_image_hash", self.image_hash, "Init image hash", self.image_hash)]
+        if img2img_rule(request.sampler, self.steps_rule) == "a1111":
+            extras.append(ExtraField("img2img_steps", "a1111", "Img2img steps", "A1111"))
         return {"extras": extras}
 
 
@@ -93,8 +104,8 @@ class Inpaint(InitImage):
     """Inpainting: `image` repainted where the PIL `mask` (read from `mask_path`) is white (>= 50% grey)."""
 
     def __init__(self, image: Any, mask: Any, strength: float = 1.0, path: str = "", image_hash: str = "",
-                 mask_path: str = "", mask_hash: str = ""):
-        super().__init__(image, strength, path, image_hash)
+                 mask_path: str = "", mask_hash: str = "", steps_rule: str = "diffusers"):
+        super().__init__(image, strength, path, image_hash, steps_rule)
         self.mask, self.mask_path, self.mask_hash = mask, mask_path, mask_hash
         self.inputs: dict[tuple[int, int], InpaintingInputs] = {}
 
@@ -133,8 +144,8 @@ class Inpaint(InitImage):
         height, width = request.size
         latents = sample_inpaint(pipeline.model, call.sampler, call.steps, self.inputs_at(pipeline, width, height),
                                  self.strength, call.cond, call.uncond, request.scale, pipeline.noise(request),
-                                 eta=call.eta)
-        return latents, img2img_steps(call.steps, self.strength)
+                                 eta=call.eta, steps_rule=self.steps_rule)
+        return latents, self.steps_run(call)
 
     def record(self, request: Request, index: int) -> dict[str, Any]:
         extras = super().record(request, index)["extras"] + [
