@@ -36,6 +36,30 @@ def test_dpm2_drops_the_next_to_last_sigma_as_automatic1111_does(pipeline):
     assert len(sigmas) == 6  # 6 levels + 0 made, the next-to-last dropped: still 5 steps
 
 
+def test_lcm_reads_automatic1111s_schedule_types_off_its_50_distilled_levels(pipeline):
+    """AUTOMATIC1111's LCM sampler hands its schedule types the LCM denoiser (sd_samplers_lcm.LCMCompVisDenoiser):
+    the 50 levels at timesteps 19, 39, ..., 999, whose get_sigmas(n) is linspace(999, 19, n) in timesteps, each
+    mapped back to the table's index ((t - 19) / 20) and interpolated in log sigma there. Diffusers' spacings stay
+    on the model's 1,000 timesteps."""
+    alphas = pipeline.model.alphas_cumprod.double().cpu().numpy()
+    table = np.sqrt((1 - alphas) / alphas)[19::20].astype(np.float32)  # ascending, 50 levels
+    steps = 4
+    index = (np.linspace(999.0, 19.0, steps, dtype=np.float32) - 19) / 20
+    low = np.floor(index).astype(int).clip(0, 48)
+    weight = index - low
+    logs = np.log(table)
+    expected = np.exp((1 - weight) * logs[low] + weight * logs[low + 1])
+    request = Request("a cat", sampler="lcm", scheduler="Automatic", steps=steps, height=32, width=32)
+    sigmas = pipeline.sigmas(request, "lcm", steps).cpu().numpy()
+    np.testing.assert_allclose(sigmas[:-1], expected, rtol=2e-6)
+    assert sigmas[-1] == 0
+    karras = pipeline.sigmas(request.replace(scheduler="karras"), "lcm", steps).cpu().numpy()
+    np.testing.assert_allclose([karras[0], karras[-2]], [table[-1], table[0]], rtol=1e-6)  # the LCM levels' range
+    full = pipeline.sigmas(request.replace(scheduler="lcm"), "lcm", steps)
+    expected_full = a1111_sigmas("LCM", steps, NoiseSchedule(pipeline.model.alphas_cumprod), "LCM")
+    assert torch.equal(full.cpu(), expected_full)
+
+
 def test_compvis_samplers_take_no_schedule_type():
     with pytest.raises(UsageError, match="ddim steps through the model's own timesteps and takes no schedule type"):
         Request("a cat", sampler="ddim", scheduler="Karras")

@@ -26,9 +26,10 @@ from ldm.devices import accelerator_memory, choose_device, choose_dtype
 from ldm.loading import (LoadError, check_loadable, checkpoint_hash, checkpoint_shapes, load_config, load_model,
                          resolve_config)
 from ldm.models.diffusion.noise import ImageNoise
-from ldm.models.diffusion.samplers import compvis_spacing, sample, sampler_display_name
+from ldm.models.diffusion.k_denoisers import LCMCompVisDenoiser
+from ldm.models.diffusion.samplers import compvis_spacing, resolve_sampler, sample, sampler_display_name
 from ldm.models.diffusion.schedule import NoiseSchedule
-from ldm.models.diffusion.schedule_types import a1111_sigmas
+from ldm.models.diffusion.schedule_types import a1111_sigmas, is_a1111_schedule_type
 from ldm.modules.encoders.modules import clip_skip_encoders, use_clip_skip
 from ldm.modules.encoders.prompt_weighting import weighted_conditioning
 from ldm.pipeline.addons.base import AddOn, SampleCall
@@ -345,11 +346,20 @@ class Pipeline:
         """The model's noise schedule, which AUTOMATIC1111's schedule types read their sigma range from."""
         return NoiseSchedule(self.model.alphas_cumprod)
 
+    @cached_property
+    def lcm_schedule(self) -> NoiseSchedule:
+        """The 50 noise levels an LCM was distilled on, which AUTOMATIC1111's LCM sampler reads its schedule types
+        off (its `LCMCompVisDenoiser` is the "inner model" they see)."""
+        return LCMCompVisDenoiser(self.model).lcm_schedule
+
     def sigmas(self, request: Request, sampler: str, steps: int) -> torch.Tensor | None:
         """AUTOMATIC1111's sigmas for the request's schedule type (None: the sampler's own schedule)."""
         if request.scheduler is None or sampler != request.sampler:  # a warm-up's DDIM has none
             return None
-        return a1111_sigmas(sampler_display_name(sampler), steps, self.schedule, request.scheduler).to(self.device)
+        schedule = self.schedule
+        if resolve_sampler(sampler).name == "lcm" and is_a1111_schedule_type(request.scheduler):
+            schedule = self.lcm_schedule  # diffusers' spacings (Trailing, LCM, ...) are of the model's timesteps
+        return a1111_sigmas(sampler_display_name(sampler), steps, schedule, request.scheduler).to(self.device)
 
     def noise(self, request: Request, seeds: Sequence[int] | None = None) -> ImageNoise:
         """The per-image noise of `request` (of `seeds` alone, without the request's variation, when given)."""

@@ -301,6 +301,11 @@ def schedule_type(name: str) -> ScheduleType:
     return entry
 
 
+def is_a1111_schedule_type(name: str) -> bool:
+    """Whether `name` is one of AUTOMATIC1111's twelve (not one of diffusers' spacings)."""
+    return schedule_type(name) in SCHEDULE_TYPES
+
+
 def available_schedule_types() -> list[str]:
     """AUTOMATIC1111's labels, in its order."""
     return [entry.label for entry in SCHEDULE_TYPES]
