@@ -4,6 +4,7 @@ ViT-L takes `hidden_states[-N]` without the norm only with A1111's "Clip skip SD
 default of no clip skip, change no bit."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -217,3 +218,38 @@ def test_sdxl_weighted_conditioning_takes_clip_skip_and_the_option(sdxl):
     assert torch.equal(alone["crossattn"], weighted_conditioning(sdxl, prompts, None, clip_skip=1,
                                                                  sdxl_clip_l_skip=True, **XL_SIZE)[0]["crossattn"])
     assert all(embedder.clip_skip is None for embedder in clip_skip_encoders(sdxl, sdxl_clip_l_skip=True))
+
+
+@torch.no_grad()
+def test_requests_and_the_script_take_the_sdxl_option_and_record_it(sdxl, tiny_xl_checkpoints, tmp_path, capsys):
+    """`Request(clip_skip_sdxl=True)` conditions as `use_clip_skip(..., sdxl_clip_l_skip=True)`; txt2img's
+    --clip_skip_sdxl writes "Clip skip SDXL: true", which --metadata_from applies again."""
+    from PIL import Image
+
+    from ldm.cli.txt2img import main
+    from ldm.pipeline import Pipeline, Request
+
+    pipeline = Pipeline.from_checkpoint(str(tiny_xl_checkpoints["xl"]), str(TEST_CONFIGS / "tiny-xl.yaml"),
+                                        hash_files=False)
+    request = Request(PROMPTS[0], steps=2, sampler="euler", clip_skip=3, clip_skip_sdxl=True, height=64, width=64)
+    cond, _ = pipeline.conditioning(request)
+    with use_clip_skip(pipeline.model, 3, sdxl_clip_l_skip=True):
+        expected, _ = pipeline.encode(request, pipeline.model)
+    assert torch.equal(cond["crossattn"], expected["crossattn"])
+    plain, _ = pipeline.conditioning(request.replace(clip_skip_sdxl=False))
+    assert not torch.equal(cond["crossattn"], plain["crossattn"])
+
+    flags = ["--ckpt", str(tiny_xl_checkpoints["xl"]), "--config", str(TEST_CONFIGS / "tiny-xl.yaml"), "--H", "64",
+             "--W", "64", "--ddim_steps", "2", "--sampler", "euler", "--n_samples", "1", "--n_iter", "1"]
+    assert main([*flags, "--prompt", PROMPTS[0], "--clip_skip", "3", "--clip_skip_sdxl", "--outdir",
+                 str(tmp_path / "first")]) == 0
+    first = tmp_path / "first" / "samples" / "00000.png"
+    assert "Clip skip: 3" in Image.open(first).text["parameters"]
+    assert "Clip skip SDXL: true" in Image.open(first).text["parameters"]
+    assert "ignores clip skip" not in capsys.readouterr().err
+    assert main([*flags, "--metadata_from", str(first), "--outdir", str(tmp_path / "again")]) == 0
+    again = tmp_path / "again" / "samples" / "00000.png"
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert main([*flags, "--prompt", PROMPTS[0], "--clip_skip", "3", "--outdir", str(tmp_path / "without")]) == 0
+    assert not np.array_equal(np.asarray(Image.open(first)),
+                              np.asarray(Image.open(tmp_path / "without" / "samples" / "00000.png")))

@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--clip_skip", type=int, default=1,
         help="AUTOMATIC1111's clip skip: 2 reads the text encoder's penultimate layer (SD 1.x; SD 2.x and SDXL "
              "ignore it, as there)")
+    add("--clip_skip_sdxl", action="store_true",
+        help="AUTOMATIC1111's \"Clip skip SDXL\" option: SDXL's CLIP ViT-L reads hidden layer -clip_skip too, without "
+             "the final norm (with --clip_skip 1 its last layer, not SDXL's usual penultimate)")
     # AUTOMATIC1111's noise options, with its API's names.
     add("--rng", type=str, choices=("cpu", "gpu", "nv"), default="cpu",
         help="random source of the noise: cpu (torch's CPU generator: the same images on every machine), gpu (torch "

@@ -13,8 +13,8 @@ from ldm.cli.arguments import refuse_flags, sampler_from_flags
 from ldm.cli.plan import peek_config
 from ldm.cli.txt2img import Shell
 from ldm.cli.txt2img import main as run_main
-from ldm.models.diffusion.samplers import IMG2IMG_RULES, img2img_rule, img2img_steps
 from ldm.pipeline import AddOn, InitImage
+from ldm.pipeline.addons.init_image import IMG2IMG_RULES
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.images import load_image
 from ldm.pipeline.metadata import check_made_by, read_metadata_file
@@ -158,12 +158,13 @@ class Img2ImgShell(Shell):
 
     def sampling_addon(self) -> AddOn | None:
         image_hash = file_hash(self, self.opt.init_img, self.recorded_init_hash, "init image")
-        return InitImage(self.init_image, self.opt.strength, self.opt.init_img, image_hash, self.opt.img2img_steps)
+        self.addon = InitImage(self.init_image, self.opt.strength, self.opt.init_img, image_hash,
+                               self.opt.img2img_steps)
+        return self.addon
 
     def load(self) -> None:
         super().load()
-        t_enc = img2img_steps(self.opt.ddim_steps, self.opt.strength,
-                              img2img_rule(sampler_from_flags(self.opt), self.opt.img2img_steps))
+        t_enc = self.addon.steps_for(sampler_from_flags(self.opt), self.opt.ddim_steps)
         print(f"target t_enc is {t_enc} steps", flush=True)
         if t_enc == 0 and self.opt.strength > 0:
             self.note(f"--strength {self.opt.strength} of {self.opt.ddim_steps} steps runs no step: the images are "

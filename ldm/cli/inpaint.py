@@ -87,6 +87,7 @@ class InpaintShell(Img2ImgShell):
         if not addon.has_white:
             self.note(f"the mask {opt.mask} has no white (>= 50% grey): nothing will be repainted")
         addon.mask_hash = file_hash(self, opt.mask, self.recorded_mask_hash, "mask")
+        self.addon = addon
         return addon
 
 

@@ -55,7 +55,8 @@ def batch_request(batch: list[PlannedImage], opt: argparse.Namespace) -> Request
     return Request([image.prompt for image in batch], [image.negative_prompt for image in batch],
                    seeds=[image.seed for image in batch], steps=settings["steps"], sampler=settings["sampler"],
                    scale=settings["scale"], eta=settings["eta"], height=settings["H"], width=settings["W"],
-                   prompt_weighting=opt.prompt_weighting, clip_skip=opt.clip_skip, scheduler=opt.scheduler,
+                   prompt_weighting=opt.prompt_weighting, clip_skip=opt.clip_skip,
+                   clip_skip_sdxl=opt.clip_skip_sdxl, scheduler=opt.scheduler,
                    rng=opt.rng, ensd=opt.ensd,
                    subseeds=[image.subseed for image in batch] if opt.subseed_strength > 0 else None,
                    subseed_strength=opt.subseed_strength, seed_resize_from=resize if min(resize) > 0 else None,
@@ -104,8 +105,8 @@ OVERRIDE_FLAGS = {"steps": ("ddim_steps",), "scale": ("scale",), "seed": ("seed"
                   "sampler": ("sampler", "plms", "dpm_solver"), "eta": ("ddim_eta",),
                   "negative_prompt": ("negative_prompt",)}
 # Recorded run-wide options and the flags they set (AUTOMATIC1111's fields read from an infotext, or a sidecar).
-RUN_OPTIONS = {"clip_skip": "clip_skip", "ensd": "ensd", "rng": "rng", "subseed": "subseed",
-               "subseed_strength": "subseed_strength", "seed_resize_from_w": "seed_resize_from_w",
+RUN_OPTIONS = {"clip_skip": "clip_skip", "clip_skip_sdxl": "clip_skip_sdxl", "ensd": "ensd", "rng": "rng",
+               "subseed": "subseed", "subseed_strength": "subseed_strength", "seed_resize_from_w": "seed_resize_from_w",
                "seed_resize_from_h": "seed_resize_from_h", "hr_scale": "hr_scale",
                "hr_second_pass_steps": "hr_second_pass_steps", "hr_upscaler": "hr_upscaler",
                "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y", "scheduler": "scheduler",

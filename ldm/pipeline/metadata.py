@@ -39,12 +39,12 @@ INFO_KEYS = ("model", "model_hash", "vae", "unet", "lora", "embeddings", "file",
              "scheduler", "clip_skip", "ensd", "rng", "subseed", "subseed_strength", "seed_resize_from_w",
              "seed_resize_from_h", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "hr_resize_x", "hr_resize_y",
              "denoising_strength", "lora_hashes", "emphasis", "version", "vae_hash", "ignored_fields",
-             "seed_resize_from", "img2img_steps")
+             "seed_resize_from", "img2img_steps", "clip_skip_sdxl")
 
 INFO_NUMBERS = ("strength", "refiner_switch", "control_scale", "noise_level", "clip_skip", "ensd", "subseed",
                 "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "hr_scale", "hr_second_pass_steps",
                 "hr_resize_x", "hr_resize_y", "denoising_strength")  # the other INFO_KEYS are text
-INFO_FLAGS = ("prompt_weighting",)
+INFO_FLAGS = ("prompt_weighting", "clip_skip_sdxl")
 
 
 class PromptFileError(ValueError):
@@ -144,6 +144,8 @@ def request_fields(request: Any, index: int) -> list[ExtraField]:
         extras.append(ExtraField("scheduler", request.scheduler, "Schedule type", label))
     if request.clip_skip > 1:
         extras.append(ExtraField("clip_skip", request.clip_skip, "Clip skip", str(request.clip_skip)))
+    if request.clip_skip_sdxl:  # A1111's option, which it does not write: this tool records it to make the image again
+        extras.append(ExtraField("clip_skip_sdxl", True, "Clip skip SDXL", "true"))
     if request.rng != "gpu":
         extras.append(ExtraField("rng" if request.rng != "cpu" else "", request.rng, "RNG", request.rng.upper()))
     return extras
@@ -212,6 +214,7 @@ A1111_FIELDS: dict[str, tuple[str, Any]] = {
     "Eta DDIM": ("eta_ddim", float), "Lora hashes": ("lora_hashes", str), "Emphasis": ("emphasis", str),
     "Version": ("version", str), "VAE hash": ("vae_hash", str),
     "Img2img steps": ("img2img_steps", lambda value: value.strip().lower()),  # this tool's, for --img2img_steps
+    "Clip skip SDXL": ("clip_skip_sdxl", lambda value: value.strip().lower() == "true"),  # this tool's
 }
 SIZE_FIELDS = {"Size": ("W", "H"), "Seed resize from": ("seed_resize_from_w", "seed_resize_from_h"),
                "Hires resize": ("hr_resize_x", "hr_resize_y")}

@@ -193,7 +193,8 @@ class Pipeline:
             addon.check(setup, requests)
         _check_speed_options(setup)
         _check_memory(setup, requests)
-        if any(request.clip_skip > 1 for request in requests) and not clip_skip_encoders(setup.skeleton):
+        if any(request.clip_skip > 1 and not clip_skip_encoders(setup.skeleton, request.clip_skip_sdxl)
+               for request in requests):
             note("this model ignores clip skip, as AUTOMATIC1111 does for SD 2.x and SDXL: the images are the same "
                  "as without it")
         embeddings = [addon for addon in setup.addons if isinstance(addon, Embeddings)]
@@ -301,8 +302,8 @@ class Pipeline:
         skip; no negative half without guidance. SDXL models also take the image size (their size conditioning)
         and make an empty negative prompt zeros, as diffusers does."""
         model = self.model if model is None else model
-        if request.clip_skip > 1:
-            with use_clip_skip(model, request.clip_skip):
+        if request.clip_skip > 1 or request.clip_skip_sdxl:
+            with use_clip_skip(model, request.clip_skip, request.clip_skip_sdxl):
                 return self.encode(request, model)
         return self.encode(request, model)
 

@@ -126,12 +126,14 @@ class Request:
     From code: `Request("a cat", seed=7, batch_size=4)` (seeds 7..10), or `Request(["a cat", "a dog"],
     seeds=[1, 2])`. `height`/`width` None take the model's own size. `eta` None keeps the sampler's default (0 for
     DDIM, 1 for ancestral and SDE samplers). `clip_skip` is AUTOMATIC1111's (2: the text encoder's penultimate
-    layer, for SD 1.x; SD 2.x and SDXL ignore it as there). `scheduler` is an AUTOMATIC1111 schedule type
-    ("Karras", "Exponential", "SGM Uniform", "Align Your Steps", ...; None: this tool's sampler defaults): with one,
-    the sigmas are AUTOMATIC1111's for the sampler, its "Automatic" defaults and dropped sigmas included. The noise
-    options are AUTOMATIC1111's: `rng` ("cpu", "gpu" = torch on
-    CUDA, "nv" = CUDA's generator emulated anywhere), `ensd` (eta noise seed delta), variation seeds (`subseeds`,
-    one per image, and `subseed_strength`), `seed_resize_from` ((width, height) the seeds' noise was made at).
+    layer, for SD 1.x; SD 2.x and SDXL ignore it as there); `clip_skip_sdxl` is A1111's "Clip skip SDXL" option:
+    SDXL's CLIP ViT-L then reads hidden layer -clip_skip, without the final norm (1: the last layer). `scheduler` is
+    an AUTOMATIC1111 schedule type ("Karras", "Exponential", "SGM Uniform", "Align Your Steps", ...; None: this
+    tool's sampler defaults) or one of diffusers' spacings ("Trailing", ...): with one, the sigmas are
+    AUTOMATIC1111's for the sampler, its "Automatic" defaults and dropped sigmas included. The noise options are
+    AUTOMATIC1111's: `rng` ("cpu", "gpu" = torch on CUDA, "nv" = CUDA's generator emulated anywhere), `ensd` (eta
+    noise seed delta), variation seeds (`subseeds`, one per image, and `subseed_strength`), `seed_resize_from`
+    ((width, height) the seeds' noise was made at).
     Checked on creation; `where` names the source in messages.
     """
 
@@ -148,6 +150,7 @@ class Request:
     width: int | None = None
     prompt_weighting: bool = False
     clip_skip: int = 1
+    clip_skip_sdxl: bool = False
     scheduler: str | None = None
     rng: str = "cpu"
     ensd: int = 0

@@ -248,7 +248,8 @@ def sample_img2img(model: Any, name: str, steps: int, x_init: torch.Tensor, stre
     DDIM step (strength 1, on which CompVis fails with an index error) it starts from pure noise, as txt2img does.
     The k-diffusion samplers noise to their schedule's sigma at the first step they take and run the schedule's last
     t_enc + 1 sigmas, as diffusers does (and AUTOMATIC1111, whose own t_enc is one less); t_enc = 0 returns
-    `x_init`. plms and dpm_solver cannot start from an image (CompVis refuses plms there too); DDIM CFG++ noises as AUTOMATIC1111 does (`DDIMCFGPPSpec`).
+    `x_init`. plms and dpm_solver cannot start from an image (CompVis refuses plms there too); DDIM CFG++ noises as
+    AUTOMATIC1111 does (`DDIMCFGPPSpec`).
     `start_noise` is the unit noise to noise `x_init` with (drawn from `noise` when None); `known` and the
     k-diffusion keywords are as for `sample` (a given `sigmas` is the whole schedule, of which the last t_enc + 1
     run; the Brownian trees span all of it, as AUTOMATIC1111's do).

@@ -89,7 +89,11 @@ class InitImage(AddOn):
         return latents, self.steps_run(call)
 
     def steps_run(self, call: SampleCall) -> int:
-        return img2img_steps(call.steps, self.strength, img2img_rule(call.sampler, self.steps_rule))
+        return self.steps_for(call.sampler, call.steps)
+
+    def steps_for(self, sampler: str, steps: int) -> int:
+        """How many of `steps` sampler `sampler` runs from the image (t_enc)."""
+        return img2img_steps(steps, self.strength, img2img_rule(sampler, self.steps_rule))
 
     def record(self, request: Request, index: int) -> dict[str, Any]:
         extras = [ExtraField("strength", self.strength, "Denoising strength", repr(self.strength)),
