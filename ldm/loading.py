@@ -225,6 +225,8 @@ def unet_params_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, 
             "transformer_blocks.0.attn2.to_k.weight", "proj_in.weight")]) == 2
     if UNET + "label_emb.0.0.weight" in shapes:
         params["adm_in_channels"] = shapes[UNET + "label_emb.0.0.weight"][1]
+    if UNET + "time_cond_proj.weight" in shapes:  # a latent consistency model's guidance embedding
+        params["time_cond_proj_dim"] = shapes[UNET + "time_cond_proj.weight"][1]
     return params
 
 

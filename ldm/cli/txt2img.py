@@ -97,15 +97,16 @@ class Shell:
         if opt.metadata_from:
             return
         tags = [tag.name for job in jobs for tag in lora_tags(job.prompt)]
-        scheduler = None
+        scheduler, embedded = None, False
         if is_diffusers_folder(opt.ckpt):
             try:
-                scheduler = read_folder(opt.ckpt).scheduler
+                folder = read_folder(opt.ckpt)
+                scheduler, embedded = folder.scheduler, folder.configs["unet"].get("time_cond_proj_dim") is not None
             except FolderError:  # reported when the folder loads
                 pass
         # a UNet file (SDXL-Lightning's, Hyper-SD's) is what makes the model few-step, as a LoRA does
         files = ([opt.unet] if opt.unet else []) + [path for path, _ in lora_specs(opt.lora)] + tags
-        preset = few_step_preset(opt.ckpt, files, scheduler)
+        preset = few_step_preset(opt.ckpt, files, scheduler, guidance_embedded=embedded)
         if preset is None:
             return
         if preset.unsupported:

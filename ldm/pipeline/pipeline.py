@@ -26,6 +26,7 @@ from ldm.devices import accelerator_memory, choose_device, choose_dtype
 from ldm.loading import (LoadError, check_loadable, checkpoint_hash, checkpoint_shapes, load_config, load_model,
                          resolve_config)
 from ldm.models.diffusion.noise import ImageNoise
+from ldm.models.diffusion.guidance import embedded_guidance_width, with_embedded_guidance
 from ldm.models.diffusion.k_denoisers import LCMCompVisDenoiser
 from ldm.models.diffusion.samplers import compvis_spacing, resolve_sampler, sample, sampler_display_name
 from ldm.models.diffusion.schedule import NoiseSchedule
@@ -300,12 +301,17 @@ class Pipeline:
     def conditioning(self, request: Request, model: Any = None) -> tuple[Any, Any]:
         """(prompts, negative prompts) conditioning of `model` (default: the pipeline's), with the request's clip
         skip; no negative half without guidance. SDXL models also take the image size (their size conditioning)
-        and make an empty negative prompt zeros, as diffusers does."""
+        and make an empty negative prompt zeros, as diffusers does. A latent consistency model with embedded
+        guidance gets the scale as its UNet's input and no negative half (`with_embedded_guidance`)."""
         model = self.model if model is None else model
+        width = embedded_guidance_width(model)
+        text = request.replace(scale=1.0) if width else request  # an embedded-guidance LCM takes no negative pass
         if request.clip_skip > 1 or request.clip_skip_sdxl:
             with use_clip_skip(model, request.clip_skip, request.clip_skip_sdxl):
-                return self.encode(request, model)
-        return self.encode(request, model)
+                cond, uncond = self.encode(text, model)
+        else:
+            cond, uncond = self.encode(text, model)
+        return (with_embedded_guidance(cond, request.scale, width), None) if width else (cond, uncond)
 
     def encode(self, request: Request, model: Any) -> tuple[Any, Any]:
         """`conditioning` with the text encoders as they are set."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -122,17 +122,31 @@ SCHEDULER_CLASSES = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteS
 
 
 def few_step_preset(ckpt: str | os.PathLike | None, loras: Sequence[str | os.PathLike] = (),
-                    scheduler_config: Mapping[str, Any] | None = None) -> Preset | None:
+                    scheduler_config: Mapping[str, Any] | None = None,
+                    guidance_embedded: bool = False) -> Preset | None:
     """The authors' settings for a few-step model, or None: recognised from the LoRAs (paths or `<lora:>` tag names;
     they are what usually makes a model few-step), then the checkpoint (a file or a diffusers folder), by name,
-    safetensors metadata title, or a diffusers `scheduler_config` (a plain dict of scheduler/scheduler_config.json)."""
+    safetensors metadata title, or a diffusers `scheduler_config` (a plain dict of scheduler/scheduler_config.json).
+    `guidance_embedded`: the checkpoint's UNet takes the guidance scale as an input (LCM_Dreamshaper's
+    `time_cond_proj_dim`), whose LCM preset then guides at its authors' scale instead of none."""
+    preset = _named_preset(ckpt, loras) or (scheduler_preset(scheduler_config) if scheduler_config else None)
+    if preset is not None and guidance_embedded and preset.sampler == "lcm":
+        # huggingface.co/SimianLuo/LCM_Dreamshaper_v7: num_inference_steps=4, guidance_scale=8.0 (w = scale - 1)
+        return replace(preset, model=f"{preset.model} with embedded guidance", scale=EMBEDDED_GUIDANCE_SCALE)
+    return preset
+
+
+EMBEDDED_GUIDANCE_SCALE = 8.0
+
+
+def _named_preset(ckpt: str | os.PathLike | None, loras: Sequence[str | os.PathLike]) -> Preset | None:
     for path in [*loras, *([ckpt] if ckpt else [])]:
         for text in _telling_texts(path):
             for pattern, make in NAME_PATTERNS:
                 match = pattern.search(text)
                 if match:
                     return make(match, Path(path).name)
-    return scheduler_preset(scheduler_config) if scheduler_config else None
+    return None
 
 
 def scheduler_preset(config: Mapping[str, Any]) -> Preset | None:

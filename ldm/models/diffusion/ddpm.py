@@ -36,17 +36,20 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = conditioning_key
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Sequence[torch.Tensor] | None = None,
-                c_crossattn: Sequence[torch.Tensor] | None = None, c_adm: torch.Tensor | None = None) -> torch.Tensor:
+                c_crossattn: Sequence[torch.Tensor] | None = None, c_adm: torch.Tensor | None = None,
+                c_timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """`c_timestep`: a latent consistency model's guidance embedding, for UNets that take one."""
         key = self.conditioning_key
+        extra = {} if c_timestep is None else {"timestep_cond": c_timestep}
         if key in ("concat", "hybrid", "hybrid-adm"):
             x = torch.cat([x, *c_concat], dim=1)
         context = torch.cat(list(c_crossattn), dim=1) if key in ("crossattn", "hybrid", "hybrid-adm",
                                                                  "crossattn-adm") else None
         if key == "adm":
-            return self.diffusion_model(x, t, y=c_crossattn[0])
+            return self.diffusion_model(x, t, y=c_crossattn[0], **extra)
         if key in ("hybrid-adm", "crossattn-adm"):
-            return self.diffusion_model(x, t, context=context, y=c_adm)
-        return self.diffusion_model(x, t, context=context)
+            return self.diffusion_model(x, t, context=context, y=c_adm, **extra)
+        return self.diffusion_model(x, t, context=context, **extra)
 
 
 class LatentDiffusion(nn.Module):

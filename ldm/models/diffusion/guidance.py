@@ -5,6 +5,8 @@ from typing import Any
 
 import torch
 
+from ldm.modules.diffusionmodules.util import guidance_scale_embedding
+
 
 def concat_conditionings(first: Any, second: Any) -> Any:
     """Stack two conditionings of the same structure along the batch: tensors, lists of them, or CompVis dicts
@@ -34,6 +36,23 @@ def conditioning_batch_size(cond: Any) -> int | None:
         if size is not None:
             return size
     return None
+
+
+def embedded_guidance_width(model: Any) -> int | None:
+    """The width of the guidance embedding `model`'s UNet takes (a latent consistency model distilled with the
+    guidance scale as an input, such as LCM_Dreamshaper); None for UNets guided the classifier-free way."""
+    wrapper = getattr(model, "model", None)
+    projection = getattr(getattr(wrapper, "diffusion_model", None), "time_cond_proj", None)
+    return None if projection is None else projection.in_features
+
+
+def with_embedded_guidance(cond: Any, scale: float, width: int) -> dict[str, Any]:
+    """`cond` (the prompts' [B, T, C] text conditioning) with the guidance embedding of `scale` for such a UNet: w =
+    scale - 1 embedded as its `timestep_cond` (diffusers' LatentConsistencyModelPipeline: guidance_scale - 1), and
+    no unconditional pass. The CompVis dict a `LatentDiffusion.apply_model` routes to the UNet."""
+    batch = conditioning_batch_size(cond)
+    w = torch.full((batch,), scale - 1.0, device=cond.device)
+    return {"c_crossattn": [cond], "c_timestep": guidance_scale_embedding(w, width).to(cond.dtype)}
 
 
 def guided_model_output(model: Any, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,

@@ -222,13 +222,15 @@ def attention_heads(
 
 
 def embed_timesteps_and_context(time_embed: nn.Sequential, model_channels: int, timesteps: torch.Tensor, batch: int,
-                                context: Context) -> tuple[torch.Tensor, Context]:
+                                context: Context, added: torch.Tensor | None = None) -> tuple[torch.Tensor, Context]:
     """The timestep embedding [batch, 4 * model_channels] and the context, in the dtype of `time_embed`'s weights;
-    the sinusoidal features are computed in float32 first. A 0-d `timesteps` serves the whole batch."""
+    the sinusoidal features are computed in float32 first. A 0-d `timesteps` serves the whole batch. `added`
+    [batch, model_channels] joins the sinusoidal features before the MLP (an LCM's projected guidance embedding)."""
     dtype = time_embed[0].weight.dtype
     if timesteps.dim() == 0:
         timesteps = timesteps.expand(batch)
-    emb = time_embed(timestep_embedding(timesteps, model_channels).to(dtype))
+    features = timestep_embedding(timesteps, model_channels).to(dtype)
+    emb = time_embed(features if added is None else features + added)
     if isinstance(context, (list, tuple)):
         context = [c if c is None else c.to(dtype) for c in context]
     elif context is not None:
@@ -326,6 +328,7 @@ class UNetModel(nn.Module):
         transformer_depth_middle: int | None = None,
         transformer_depth_input: Sequence[int] | None = None,
         transformer_depth_output: Sequence[int] | None = None,
+        time_cond_proj_dim: int | None = None,
     ):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
@@ -380,6 +383,8 @@ class UNetModel(nn.Module):
         )
         if num_classes is not None:
             self.label_emb = self._label_embedding(num_classes, adm_in_channels, time_embed_dim)
+        # a latent consistency model's guidance embedding, added to the timestep features (diffusers' cond_proj)
+        self.time_cond_proj = linear(time_cond_proj_dim, model_channels, bias=False) if time_cond_proj_dim else None
 
         def attention_layer(ch: int, level: int, heads_for_block: int, depth: int) -> nn.Module:
             heads, dim_head = attention_heads(
@@ -472,14 +477,17 @@ class UNetModel(nn.Module):
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: Context = None, y: torch.Tensor | None = None,
-        control: Sequence[torch.Tensor] | None = None,
+        control: Sequence[torch.Tensor] | None = None, timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [N, in_channels, H, W], timesteps: [N], context: [N, M, context_dim], y: [N] labels or [N, adm]
         -> [N, out_channels, H, W] (eps or v, depending on how the model was trained).
 
         `control`: ControlNet residuals, one per input block then one for the middle block, already scaled; each is
         added to that block's skip connection (the middle one to the middle block's output), as in ControlNet's
-        ControlledUnetModel."""
+        ControlledUnetModel. `timestep_cond`: [N, time_cond_proj_dim], a latent consistency model's guidance
+        embedding (`guidance_scale_embedding`), for UNets built with `time_cond_proj_dim`."""
+        if timestep_cond is not None and self.time_cond_proj is None:
+            raise ValueError("timestep_cond is only taken by UNets with a guidance embedding (time_cond_proj_dim)")
         if (y is not None) != (self.num_classes is not None):
             raise ValueError(f"this UNet has num_classes={self.num_classes!r}: pass `y` exactly when it is set")
         if y is not None and y.shape[0] != x.shape[0]:
@@ -488,14 +496,16 @@ class UNetModel(nn.Module):
             raise ValueError(f"control has {len(control)} residuals but this UNet takes {len(self.input_blocks) + 1} "
                              "(one per input block and one for the middle block): use a ControlNet built for it")
         if self.graph_runner is not None:
-            return self.graph_runner(self.compute, x, timesteps, context, y, control)
-        return self.compute(x, timesteps, context, y, control)
+            return self.graph_runner(self.compute, x, timesteps, context, y, control, timestep_cond)
+        return self.compute(x, timesteps, context, y, control, timestep_cond)
 
     def compute(self, x: torch.Tensor, timesteps: torch.Tensor, context: Context, y: torch.Tensor | None,
-                control: Sequence[torch.Tensor] | None) -> torch.Tensor:
+                control: Sequence[torch.Tensor] | None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         """`forward` after its argument checks."""
         dtype = self.time_embed[0].weight.dtype
-        emb, context = embed_timesteps_and_context(self.time_embed, self.model_channels, timesteps, x.shape[0], context)
+        added = None if timestep_cond is None else self.time_cond_proj(timestep_cond.to(dtype))
+        emb, context = embed_timesteps_and_context(self.time_embed, self.model_channels, timesteps, x.shape[0], context,
+                                                   added)
         if y is not None:
             emb = emb + self.label_emb(y if isinstance(self.label_emb, nn.Embedding) else y.to(dtype))
 

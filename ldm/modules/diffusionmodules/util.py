@@ -30,6 +30,20 @@ def timestep_embedding(
     return embedding
 
 
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embeddings [N, dim] of N guidance weights w, as latent consistency models take them (Luo et al.
+    2023, their UNet's `time_cond_proj` input): of 1000 w, sines first then cosines, frequencies
+    10000^(-k / (dim / 2 - 1)), in float32."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32,
+                                                                          device=w.device))
+    angles = (w.float() * 1000.0)[:, None] * frequencies[None]  # [N, half]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero every parameter of `module` in place and return it (residual branches start as the identity)."""
     for parameter in module.parameters():

@@ -1,0 +1,114 @@
+"""Latent consistency models distilled with the guidance scale as a UNet input (LCM_Dreamshaper_v7's
+`time_cond_proj_dim`): a tiny one saved by diffusers' LatentConsistencyModelPipeline, read from its folder, its
+guidance embedding, UNet and whole run against diffusers' on the same weights and noise, and the script's preset."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from checkpoint_factory import TEST_CONFIGS
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+from PIL import Image
+from reference_sd import PROMPT, diffusers_pipeline
+
+from ldm.loading import load_model
+from ldm.models.diffusion.noise import ImageNoise
+from ldm.modules.diffusionmodules.util import guidance_scale_embedding
+from ldm.pipeline import Pipeline, Request
+
+WIDTH = 16  # the tiny guidance embedding (LCM_Dreamshaper_v7's is 256)
+SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).norm() / theirs.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def lcm_folder(tiny_checkpoint, tmp_path_factory, hf_vocabulary) -> Path:
+    """tests/configs/tiny-v1.yaml's weights with a random guidance projection, as diffusers saves an LCM."""
+    root = tmp_path_factory.mktemp("lcm")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(hf_vocabulary / name, root / name)
+    base = diffusers_pipeline(tiny_checkpoint, root, LCMScheduler(**SCHEDULE))
+    unet = UNet2DConditionModel(**{**base.unet.config, "time_cond_proj_dim": WIDTH})
+    missing, unexpected = unet.load_state_dict(base.unet.state_dict(), strict=False)
+    assert missing == ["time_embedding.cond_proj.weight"] and unexpected == []
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.copy_(
+            torch.randn(unet.time_embedding.cond_proj.weight.shape, generator=torch.Generator().manual_seed(8)) * 0.3)
+    pipe = LatentConsistencyModelPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                          unet=unet.eval(), scheduler=LCMScheduler(**SCHEDULE), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "LCM_tiny")
+    return root / "LCM_tiny"
+
+
+def test_guidance_embedding_is_diffusers(lcm_folder):
+    pipe = LatentConsistencyModelPipeline.from_pretrained(str(lcm_folder), safety_checker=None)
+    w = torch.tensor([0.0, 0.5, 7.0, 7.5])
+    for width in (WIDTH, 256, 15):
+        torch.testing.assert_close(guidance_scale_embedding(w, width),
+                                   pipe.get_guidance_scale_embedding(w, embedding_dim=width), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_unet_with_guidance_embedding_matches_diffusers(lcm_folder, tiny_checkpoint):
+    model = load_model(lcm_folder)
+    unet = model.model.diffusion_model
+    reference = UNet2DConditionModel.from_pretrained(str(lcm_folder / "unet")).eval()
+    assert torch.equal(unet.time_cond_proj.weight, reference.time_embedding.cond_proj.weight)
+    original = load_model(tiny_checkpoint, TEST_CONFIGS / "tiny-v1.yaml")  # the rest of the weights are the file's
+    assert all(torch.equal(value, original.state_dict()[key]) for key, value in model.state_dict().items()
+               if key in original.state_dict())
+    generator = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    timesteps = torch.tensor([999, 259])
+    embedding = guidance_scale_embedding(torch.tensor([7.0, 2.0]), WIDTH)
+    ours = unet(x, timesteps, context, timestep_cond=embedding)
+    theirs = reference(x, timesteps, encoder_hidden_states=context, timestep_cond=embedding).sample
+    assert relative_error(ours, theirs) < 1e-5
+    assert relative_error(unet(x, timesteps, context), theirs) > 1e-2  # the embedding matters
+
+
+@torch.no_grad()
+def test_lcm_run_matches_diffusers_latent_consistency_pipeline(lcm_folder):
+    """Request(sampler="lcm", scheduler="LCM", scale=8) on the folder against diffusers' pipeline from the same
+    folder: the same starting latents (ours, in diffusers' variable) and step noise; scale 8 is w = 7 embedded, one
+    UNet call a step."""
+    pipeline = Pipeline.from_checkpoint(str(lcm_folder), hash_files=False)
+    calls = []
+    unet = pipeline.model.model.diffusion_model
+    hook = unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    result = pipeline(Request(PROMPT, seeds=[3, 4], steps=4, sampler="lcm", scheduler="LCM", scale=8.0, height=64,
+                              width=64))
+    hook.remove()
+    assert calls == [2] * 4  # no unconditional half
+    pipe = LatentConsistencyModelPipeline.from_pretrained(str(lcm_folder), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    noise = ImageNoise([3, 4])
+    sigma_max = float(pipeline.schedule.sigma_max)
+    x_T = noise.randn((2, 4, 8, 8)) * sigma_max / (sigma_max**2 + 1) ** 0.5
+    expected = pipe(PROMPT, height=64, width=64, num_inference_steps=4, guidance_scale=8.0, num_images_per_prompt=2,
+                    latents=x_T, generator=noise.generators, output_type="latent").images
+    assert expected.abs().max() > 0.1
+    assert relative_error(result.latents, expected) < 1e-4
+    plain = pipeline(Request(PROMPT, seeds=[3, 4], steps=4, sampler="lcm", scheduler="LCM", scale=1.0, height=64,
+                             width=64))
+    assert relative_error(plain.latents, expected) > 1e-3  # w = 0 is another image
+
+
+def test_script_applies_the_lcm_preset_with_its_guidance(lcm_folder, tmp_path, capsys):
+    from ldm.cli.txt2img import main
+
+    status = main(["--ckpt", str(lcm_folder), "--prompt", PROMPT, "--H", "64", "--W", "64", "--n_samples", "1",
+                   "--n_iter", "1", "--outdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert "with embedded guidance" in err and "--scale 8" in err
+    text = Image.open(next((tmp_path / "samples").glob("*.png"))).text["parameters"]
+    assert "Steps: 4, Sampler: LCM, CFG scale: 8," in text and "Schedule type: LCM" in text
+    assert np.asarray(Image.open(next((tmp_path / "samples").glob("*.png")))).std() > 1
