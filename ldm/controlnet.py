@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from cldm.cldm import ControlNet, control_residuals
-from ldm.checkpoints import CheckpointError, read_checkpoint
+from ldm.checkpoints import CheckpointError, model_hash, read_checkpoint, read_shapes
+from ldm.diffusers_folder import WEIGHT_STEMS, FolderError, read_component, weights_file
+from ldm.diffusers_names import controlnet_state_dict
 from ldm.loading import LoadError, assign_weights, check_keys, instantiate_on_meta, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "controlnet"
@@ -45,13 +47,38 @@ def controlnet_weights(state_dict: Mapping[str, Value], name: str = "this file")
         return {key[len(CONTROL_PREFIX):]: value for key, value in state_dict.items() if key.startswith(CONTROL_PREFIX)}
     if HINT_KEY in state_dict:  # pruned re-saves without the prefix
         return dict(state_dict)
-    if any(key.startswith("controlnet_cond_embedding.") for key in state_dict):
-        raise LoadError(f"{name} is a ControlNet in diffusers' layout, which is not supported: use the original "
-                        "file (control_v11p_sd15_*.pth / .safetensors from lllyasviel)")
+    if any(key.startswith("controlnet_cond_embedding.") for key in state_dict):  # diffusers' ControlNetModel
+        try:
+            return controlnet_state_dict(state_dict)
+        except KeyError as error:
+            raise LoadError(f"{name} is a ControlNet in diffusers' layout with weights no ControlNet here has: "
+                            f"{error.args[0] if error.args else error}") from None
     if any(key.startswith("model.diffusion_model.") for key in state_dict):
         raise LoadError(f"{name} is a Stable Diffusion checkpoint without a ControlNet: pass it as --ckpt and a "
                         "ControlNet file (control_*.pth / .safetensors) as --controlnet")
     raise LoadError(f"{name} is not a ControlNet file: it has no control_model.* or input_hint_block.* weights")
+
+
+def read_controlnet(path: str | os.PathLike, shapes_only: bool = False) -> dict[str, Any]:
+    """The tensors (or, with `shapes_only`, their shapes) of a ControlNet file or diffusers ControlNet folder
+    (`config.json` and `diffusion_pytorch_model.*`, as lllyasviel/control_v11p_sd15_canny on the hub)."""
+    try:
+        if os.path.isdir(path):
+            tensors = read_component(weights_file(Path(path), WEIGHT_STEMS["unet"]), shapes_only)
+            return {key: tuple(value.shape) for key, value in tensors.items()} if shapes_only else tensors
+        return read_shapes(path) if shapes_only else read_checkpoint(path)[0]
+    except (CheckpointError, FolderError) as error:
+        raise LoadError(str(error)) from None
+
+
+def controlnet_hash(path: str | os.PathLike) -> str:
+    """The 10-hex hash recorded for a ControlNet: of its file, or of a folder's weights file."""
+    if os.path.isdir(path):
+        try:
+            return model_hash(weights_file(Path(path), WEIGHT_STEMS["unet"]))
+        except FolderError as error:
+            raise LoadError(str(error)) from None
+    return model_hash(path)
 
 
 def context_width_of(weights: Mapping[str, Any]) -> int | None:
@@ -95,11 +122,7 @@ def load_controlnet(path: str | os.PathLike, config: str | os.PathLike | None = 
     """The ControlNet in `path` (any of the released layouts), loaded strictly into the `control_stage_config` of
     its cldm yaml, in eval mode on `device` in `dtype`. `trust_config`: as for `ldm.loading.load_model` (a yaml
     beside a downloaded ControlNet builds only this project's classes unless trusted)."""
-    try:
-        state_dict, _ = read_checkpoint(path)
-    except CheckpointError as error:
-        raise LoadError(str(error)) from None
-    weights = controlnet_weights(state_dict, str(path))
+    weights = controlnet_weights(read_controlnet(path), str(path))
     config_path = resolve_controlnet_config(path, config, weights)
     params = load_config(config_path, trust_config).model.get("params") or {}
     if "control_stage_config" not in params:

@@ -147,6 +147,33 @@ VAE_BLOCK = re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\."
 VAE_MIDDLE = re.compile(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
 
 
+CONTROLNET_HINT = re.compile(r"^controlnet_cond_embedding\.(?:(conv_in)|blocks\.(\d+)|(conv_out))\.(.+)$")
+CONTROLNET_ZERO_CONV = re.compile(r"^controlnet_down_blocks\.(\d+)\.(.+)$")
+
+
+def controlnet_state_dict(weights: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers `ControlNetModel`'s weights (tensors or shapes) in cldm's `ControlNet` names: its UNet half as
+    `ldm_unet_name` names it, the conditioning embedding as `input_hint_block` (convolutions at the even indices,
+    SiLUs between), `controlnet_down_blocks.<i>` as `zero_convs.<i>.0`, `controlnet_mid_block` as
+    `middle_block_out.0`."""
+    hint_blocks = len({match.group(2) for match in map(CONTROLNET_HINT.match, weights) if match and match.group(2)})
+    layout = UNetLayout.from_names(weights)
+    converted = {}
+    for name, value in weights.items():
+        hint, zero_conv = CONTROLNET_HINT.match(name), CONTROLNET_ZERO_CONV.match(name)
+        if hint:
+            conv_in, block, conv_out, rest = hint.groups()
+            index = 0 if conv_in else 2 * (hint_blocks + 1) if conv_out else 2 * (int(block) + 1)
+            converted[f"input_hint_block.{index}.{rest}"] = value
+        elif zero_conv:
+            converted[f"zero_convs.{zero_conv.group(1)}.0.{zero_conv.group(2)}"] = value
+        elif name.startswith("controlnet_mid_block."):
+            converted["middle_block_out.0." + name[len("controlnet_mid_block."):]] = value
+        else:
+            converted[ldm_unet_name(name, layout)] = value
+    return converted
+
+
 def ldm_vae_name(name: str, levels: int) -> str:
     """diffusers' autoencoder parameter name as ours, under `first_stage_model.` (without it); `levels` is the
     number of resolutions (len(block_out_channels)): the decoder's up blocks are numbered from the other end."""

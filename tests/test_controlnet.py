@@ -230,7 +230,7 @@ def test_bad_files_are_refused_in_one_line(files, tmp_path, tiny_checkpoint):
     garbage = tmp_path / "notes.pth"
     garbage.write_bytes(b"not a checkpoint")
     cases = [(tiny_checkpoint, "Stable Diffusion checkpoint without a ControlNet: pass it as --ckpt"),
-             (diffusers_layout, "diffusers' layout, which is not supported"),
+             (diffusers_layout, "ControlNet in diffusers' layout with weights no ControlNet here has"),
              (difference, "'difference' ControlNet .* not supported: use the full ControlNet file"),
              (garbage, "notes.pth"),
              (files["control"], "does not fit config cldm_v21.yaml: .* of another shape")]
@@ -239,6 +239,24 @@ def test_bad_files_are_refused_in_one_line(files, tmp_path, tiny_checkpoint):
         with pytest.raises(LoadError, match=message) as error:
             load_controlnet(path, config)
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("form", ["folder", "file"])
+@torch.no_grad()
+def test_diffusers_layout_controlnets_read_back_every_weight(files, controlnet, tmp_path, form):
+    """What diffusers' `save_pretrained` writes (a folder, as lllyasviel/control_v11p_sd15_canny on the hub) and its
+    weights alone in one .safetensors: the same ControlNet as the original file, weight for weight."""
+    reference = diffusers_controlnet(files["state_dict"])
+    if form == "folder":
+        reference.save_pretrained(tmp_path / "control_v11p_sd15_tiny")
+        path = tmp_path / "control_v11p_sd15_tiny"
+    else:
+        path = write_checkpoint({key: value.contiguous() for key, value in reference.state_dict().items()},
+                                tmp_path / "diffusion_pytorch_model.safetensors")
+    loaded = load_controlnet(path, CLDM_CONFIG)
+    expected = controlnet.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
 
 
 def test_sd2_controlnet_on_sd1_model_says_so():
@@ -308,7 +326,7 @@ def cli_files(files, tmp_path) -> dict:
     return {"controlnet": path, "image": image}
 
 
-def test_cli_writes_the_controlled_image_with_its_metadata(txt2img, cli_files, tmp_path):
+def test_cli_writes_the_controlled_image_with_its_metadata(txt2img, cli_files, files, tmp_path):
     from ldm.checkpoints import model_hash
 
     flags = ("--controlnet", cli_files["controlnet"], "--control_image", cli_files["image"])
@@ -325,6 +343,14 @@ def test_cli_writes_the_controlled_image_with_its_metadata(txt2img, cli_files, t
             f"edges.png, Control image hash: {model_hash(cli_files['image'])}, Control scale: 0.5") in text
     recorded = sidecar(runs["half"])
     assert recorded["controlnet"] == "control_tiny.pth" and recorded["control_scale"] == 0.5
+    # the same ControlNet as a diffusers folder (its yaml beside it, as for the file): the same image
+    folder = tmp_path / "control_tiny_diffusers"
+    diffusers_controlnet(files["state_dict"]).save_pretrained(folder)
+    shutil.copy(CLDM_CONFIG, tmp_path / "control_tiny_diffusers.yaml")
+    status, out, err = txt2img("--controlnet", folder, "--control_image", cli_files["image"], "--control_scale", 0.5,
+                               "--seed", 3, "--skip_grid", outdir=tmp_path / "folder")
+    assert status == 0, err
+    assert (pixels(tmp_path / "folder" / "samples" / "00000.png") == pixels(runs["half"])).all()
 
 
 def test_cli_refuses_bad_controlnet_input_before_writing(txt2img, cli_files, tmp_path, tiny_checkpoint):

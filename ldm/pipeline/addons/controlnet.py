@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ldm.checkpoints import CheckpointError, model_hash, read_shapes
-from ldm.controlnet import attach_controlnet, base_model_name, context_width_of, controlnet_weights, load_controlnet
+from ldm.checkpoints import CheckpointError, model_hash
+from ldm.controlnet import (attach_controlnet, base_model_name, context_width_of, controlnet_hash, controlnet_weights,
+                            load_controlnet, read_controlnet)
 from ldm.loading import LoadError, checkpoint_shapes, detect_family
 from ldm.pipeline.addons.base import AddOn
 from ldm.pipeline.addons.refiner import Refiner
@@ -37,11 +38,11 @@ class ControlNet(AddOn):
         if not 0.0 <= scale <= MAX_SCALE:  # also refuses NaN
             raise UsageError(f"--control_scale {scale} is outside [0, {MAX_SCALE:g}]: it is the ControlNet's strength "
                              f"(1.0 as trained, 0 for none)")
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise UsageError(f"--controlnet {path} not found: pass a ControlNet file "
-                             f"(control_v11p_sd15_canny.pth / .safetensors, ...)")
+                             f"(control_v11p_sd15_canny.pth / .safetensors, ...) or diffusers ControlNet folder")
         try:
-            self.weights = controlnet_weights(read_shapes(path), path)
+            self.weights = controlnet_weights(read_controlnet(path, shapes_only=True), path)
         except (CheckpointError, LoadError) as error:
             raise UsageError(f"--controlnet: {error}") from None
         self.path, self.image_path, self.scale = path, image_path, float(scale)
@@ -86,7 +87,7 @@ class ControlNet(AddOn):
             raise UsageError(f"--controlnet: {error}") from None
         if not pipeline.options.hash_files:
             return
-        self.hashes = (model_hash(self.path), model_hash(self.image_path))
+        self.hashes = (controlnet_hash(self.path), model_hash(self.image_path))
         for what, key, actual in (("ControlNet", "controlnet_hash", self.hashes[0]),
                                   ("control image", "control_image_hash", self.hashes[1])):
             if self.recorded.get(key) and self.recorded[key] != actual:
