@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--refiner_switch", type=float, default=None, metavar="F",
         help="with --refiner: the fraction of the sampling the base runs before the refiner takes over (default 0.8)")
     add("--controlnet", type=str, default=None, metavar="FILE",
-        help="SD 1.x/2.x: a ControlNet file (control_v11p_sd15_canny.pth, ... any released layout) that steers "
-             "every image with --control_image")
+        help="SD 1.x/2.x: a ControlNet file (control_v11p_sd15_canny.pth, ... any released layout) or diffusers "
+             "ControlNet folder that steers every image with --control_image")
     add("--control_image", type=str, default=None, metavar="IMAGE",
         help="with --controlnet: the control image as the ControlNet expects it (an edge map, pose image, ...; no "
              "preprocessor runs), resized to --W x --H")
