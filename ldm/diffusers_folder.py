@@ -31,6 +31,7 @@ BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear"}
 MAX_COUNT = 4096  # the most heads or layers a config may state; released models use at most 64
 MAX_TRAIN_STEPS = 10_000  # diffusion training steps a scheduler may state; released models use 1,000
 INPAINTING_CHANNELS = 9  # latents, mask, masked image
+UPSCALER_CHANNELS = 7  # latents, low-resolution RGB image
 TEXT_ACTIVATIONS = {"v1": "quick_gelu", "v2": "gelu", "xl-base": "quick_gelu"}  # OpenAI CLIP vs OpenCLIP towers
 
 
@@ -80,14 +81,19 @@ class DiffusersFolder:
     configs: dict[str, dict[str, Any]] = field(repr=False)
     scheduler: dict[str, Any] = field(repr=False)
     index: dict[str, Any] = field(repr=False, default_factory=dict)
+    low_res_scheduler: dict[str, Any] = field(repr=False, default_factory=dict)  # the x4 upscaler's noise augmentation
 
     @property
     @_config_errors
     def family(self) -> str:
-        """"v1", "v2", "xl-base" or "xl-refiner", from the text encoders the folder holds, with "-inpainting" for
-        SD 1.x/2.x UNets that also take the mask and the masked image (9 input channels)."""
-        family = self._text_family
-        if int(self.configs["unet"].get("in_channels", 4)) == INPAINTING_CHANNELS:
+        """The released config's family: `text_family`, with "-inpainting" for SD 1.x/2.x UNets that also take the
+        mask and the masked image (9 input channels), or "x4-upscaler" for SD 2's x4 upscaler (7 channels: the
+        low-resolution image too; its noise level a class label)."""
+        family = self.text_family
+        unet = self.configs["unet"]
+        if int(unet.get("in_channels", 4)) == UPSCALER_CHANNELS and unet.get("num_class_embeds") and family == "v2":
+            return "x4-upscaler"
+        if int(unet.get("in_channels", 4)) == INPAINTING_CHANNELS:
             if family.startswith("xl"):
                 raise FolderError(f"{self.path}/unet takes 9 input channels (SDXL inpainting), which is not "
                                   "supported: use an SD 1.x/2.x inpainting model, or SDXL base with scripts/inpaint.py")
@@ -95,7 +101,9 @@ class DiffusersFolder:
         return family
 
     @property
-    def _text_family(self) -> str:
+    @_config_errors
+    def text_family(self) -> str:
+        """"v1", "v2", "xl-base" or "xl-refiner": the text encoders the folder holds."""
         encoders = [name for name in ("text_encoder", "text_encoder_2") if name in self.configs]
         if encoders == ["text_encoder", "text_encoder_2"]:
             return "xl-base"
@@ -145,9 +153,9 @@ def _read_folder(path: Path, mtime_ns: int) -> DiffusersFolder:
         if needed not in configs:
             raise FolderError(f"{path / MODEL_INDEX} names no {needed}: this is not a Stable Diffusion model folder "
                               f"(its pipeline is {index.get('_class_name', 'unnamed')})")
-    scheduler = read_json(path / "scheduler" / "scheduler_config.json") if (
-        path / "scheduler" / "scheduler_config.json").is_file() else {}
-    return DiffusersFolder(path, configs, scheduler, index)
+    schedulers = {name: read_json(path / name / "scheduler_config.json") if (
+        path / name / "scheduler_config.json").is_file() else {} for name in ("scheduler", "low_res_scheduler")}
+    return DiffusersFolder(path, configs, schedulers["scheduler"], index, schedulers["low_res_scheduler"])
 
 
 def read_folder(path: str | os.PathLike) -> DiffusersFolder:
@@ -195,7 +203,7 @@ def _text_layers(config: Mapping[str, Any]) -> int:
 @_config_errors
 def folder_state_dict(folder: DiffusersFolder, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """The folder's weights under the released checkpoints' keys (see ldm.diffusers_names)."""
-    family, configs = folder.family.removesuffix("-inpainting"), folder.configs
+    family, configs = folder.text_family, folder.configs
     weights = {name: read_component(folder.weights_file(name), shapes_only) for name in configs}
     try:
         state_dict = prefixed(unet_state_dict(weights["unet"], UNetLayout.from_config(configs["unet"])),
@@ -278,7 +286,7 @@ def folder_overrides(folder: DiffusersFolder, structure: Mapping[str, Any]) -> d
     prompt rule. `structure`: the overrides read from the weights (`ldm.loading.params_from_shapes`), which give
     every width; the heads must divide them."""
     _refuse_unsupported(folder)
-    family, configs, scheduler = folder.family.removesuffix("-inpainting"), folder.configs, folder.scheduler
+    family, configs, scheduler = folder.text_family, folder.configs, folder.scheduler
     root, xl = "model.params.", family.startswith("xl")
     unet_root = f"{root}{'network_config' if xl else 'unet_config'}.params."
     widths = [structure[unet_root + "model_channels"] * mult for mult in structure[unet_root + "channel_mult"]]
@@ -308,13 +316,46 @@ def folder_overrides(folder: DiffusersFolder, structure: Mapping[str, Any]) -> d
         overrides.update({root + "linear_start": start, root + "linear_end": end, root + "timesteps": steps,
                           root + "beta_schedule": schedule, root + "image_size": size, unet_root + "image_size": size,
                           root + "parameterization": "v" if folder.v_prediction else "eps"})
+        overrides.update(_cross_attention_only(configs["unet"], len(widths), unet_root))
+    if folder.family == "x4-upscaler":
+        overrides.update(_upscaler_overrides(folder))
     return overrides
+
+
+def _cross_attention_only(unet: Mapping[str, Any], levels: int, unet_root: str) -> dict[str, Any]:
+    """diffusers' `only_cross_attention` (a bool or one per level: the first attention of those blocks attends to
+    the text too, as SD 2's x4 upscaler does) as `disable_self_attentions`; nothing when it is off everywhere."""
+    value = unet.get("only_cross_attention", False)
+    flags = [value] * levels if isinstance(value, bool) else value
+    if not isinstance(flags, list) or len(flags) != levels or not all(isinstance(flag, bool) for flag in flags):
+        raise FolderError(f"unet/config.json: only_cross_attention {value!r} is not a bool or one per level")
+    middle = unet.get("mid_block_only_cross_attention") or False
+    if not any(flags) and not middle:
+        return {}
+    return {unet_root + "disable_self_attentions": flags, unet_root + "disable_middle_self_attn": bool(middle)}
+
+
+def _upscaler_overrides(folder: DiffusersFolder) -> dict[str, Any]:
+    """The x4 upscaler's noise augmentation of the low-resolution image: its largest noise level (model_index's
+    `max_noise_level`) and its schedule (`low_res_scheduler`, a scaled-linear DDPM one)."""
+    augmentation = "model.params.low_scale_config.params."
+    where = f"{folder.path}/low_res_scheduler/scheduler_config.json"
+    low = folder.low_res_scheduler
+    if low.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise FolderError(f"{where}: beta_schedule {low['beta_schedule']!r} is not the scaled_linear one the x4 "
+                          "upscaler's noise augmentation takes")
+    start = float(_number(low, "beta_start", 0.0001, 1e-8, 0.5, where))
+    return {augmentation + "noise_schedule_config.linear_start": start,
+            augmentation + "noise_schedule_config.linear_end": float(_number(low, "beta_end", 0.02, start, 0.999,
+                                                                            where)),
+            augmentation + "max_noise_level": int(_number(folder.index, "max_noise_level", 350, 1, 1000,
+                                                          f"{folder.path}/model_index.json"))}
 
 
 def _text_overrides(folder: DiffusersFolder, structure: Mapping[str, Any]) -> dict[str, Any]:
     """The text encoders' heads (checked against their widths), and SD 2.x's layer choice: diffusers stores the 23
     blocks SD 2.x uses, so all of them, then ln_final, is its "penultimate"."""
-    family, configs = folder.family.removesuffix("-inpainting"), folder.configs
+    family, configs = folder.text_family, folder.configs
     emb = "model.params.conditioner_config.params.emb_models."
     places = {"v1": [("text_encoder", "model.params.cond_stage_config.params.")],
               "v2": [("text_encoder", "model.params.cond_stage_config.params.")],

@@ -19,6 +19,7 @@ RES_BLOCK = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "e
              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
             "time_embedding.linear_2": "time_embed.2", "time_embedding.cond_proj": "time_cond_proj",
+            "class_embedding": "label_emb",
             "add_embedding.linear_1": "label_emb.0.0",
             "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
 VAE_RES_BLOCK = {"conv_shortcut": "nin_shortcut"}

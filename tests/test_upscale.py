@@ -263,3 +263,32 @@ def test_metadata_from_an_image_made_without_a_prompt(cli, tmp_path):
     status, _, err = cli("--metadata_from", sample.with_suffix(".yaml"), "--outdir", tmp_path / "again")
     assert status == 0, err
     assert np.array_equal(pixels(sample.with_suffix(".png")), pixels(tmp_path / "again" / "samples" / "00000.png"))
+
+
+@torch.no_grad()
+def test_a_diffusers_upscaler_folder_makes_the_files_images(checkpoint, model, hf_vocabulary, tmp_path, capsys):
+    """stabilityai/stable-diffusion-x4-upscaler's layout (saved by diffusers from the tiny file): recognised as the
+    x4 upscaler, v prediction and the noise augmentation from its schedulers, every UNet and autoencoder weight and
+    the text conditioning equal to the file's, and upscale.py with --ckpt <folder> makes the file's image."""
+    pipe = diffusers_upscaler(checkpoint, hf_vocabulary, DDIMScheduler(prediction_type="v_prediction", **SCHEDULE))
+    pipe.save_pretrained(tmp_path / "x4-folder")
+    folder = tmp_path / "x4-folder"
+    assert resolve_config(folder).name == "x4-upscaling.yaml"
+    loaded = load_model(folder)
+    assert loaded.parameterization == "v" and loaded.low_scale_model.max_noise_level == 350
+    expected = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        if key.startswith(("model.", "first_stage_model.", "low_scale_model.")):
+            assert torch.equal(value, expected[key]), key
+    torch.testing.assert_close(loaded.get_learned_conditioning([PROMPT]), model.get_learned_conditioning([PROMPT]),
+                               atol=1e-6, rtol=0)
+    init = tmp_path / "low.png"
+    smooth_image(LOW_W, LOW_H).save(init)
+    made = {}
+    runs = {"file": ["--ckpt", str(checkpoint), "--config", str(CONFIG)], "folder": ["--ckpt", str(folder)]}
+    for name, flags in runs.items():
+        status = main([*flags, "--ddim_steps", "4", "--init-img", str(init), "--prompt", PROMPT, "--n_samples", "1",
+                       "--seed", "7", "--outdir", str(tmp_path / name), "--no_metadata"])
+        assert status == 0, capsys.readouterr().err
+        made[name] = np.asarray(Image.open(tmp_path / name / "samples" / "00000.png"))
+    assert np.array_equal(made["file"], made["folder"]) and made["file"].std() > 1
