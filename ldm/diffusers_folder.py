@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ldm.checkpoint_layout import INPAINTING_CHANNELS, UPSCALER_CHANNELS
 from ldm.checkpoints import CheckpointError, file_sha256, read_checkpoint, read_layout
 from ldm.diffusers_names import (UNetLayout, hf_text_state_dict, open_clip_state_dict, prefixed, unet_state_dict,
                                  vae_state_dict)
@@ -30,8 +31,6 @@ WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mod
 BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear"}
 MAX_COUNT = 4096  # the most heads or layers a config may state; released models use at most 64
 MAX_TRAIN_STEPS = 10_000  # diffusion training steps a scheduler may state; released models use 1,000
-INPAINTING_CHANNELS = 9  # latents, mask, masked image
-UPSCALER_CHANNELS = 7  # latents, low-resolution RGB image
 TEXT_ACTIVATIONS = {"v1": "quick_gelu", "v2": "gelu", "xl-base": "quick_gelu"}  # OpenAI CLIP vs OpenCLIP towers
 
 

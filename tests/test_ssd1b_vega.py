@@ -8,15 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoint_factory import TEST_CONFIGS, make_tiny_xl_checkpoint, write_checkpoint
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils
+from reference_sdxl import diffusers_vector, distilled_unet_config
 
-from checkpoint_factory import TEST_CONFIGS, make_tiny_xl_checkpoint, write_checkpoint
+from ldm.checkpoint_layout import unet_params_from_shapes
 from ldm.checkpoints import read_checkpoint, read_shapes
-from ldm.loading import (CONFIG_DIR, DerivedConfig, LoadError, load_config, load_model, parameters_on_meta,
-                         resolve_config, unet_params_from_shapes)
+from ldm.loading import (
+    CONFIG_DIR,
+    DerivedConfig,
+    LoadError,
+    load_config,
+    load_model,
+    parameters_on_meta,
+    resolve_config,
+)
 from ldm.util import instantiate_from_config
-from reference_sdxl import distilled_unet_config, diffusers_vector
 
 RELEASED = {"ssd1b": "ssd-1b.yaml", "vega": "segmind-vega.yaml"}
 OPEN_CLIP = "conditioner.embedders.1.model."
