@@ -263,9 +263,6 @@ def _refuse_unsupported(folder: DiffusersFolder) -> None:
     for key, why in (("class_embed_type", "a class embedding"), ("encoder_hid_dim", "an image-prompt projection")):
         if unet.get(key) is not None:
             raise FolderError(f"{folder.path}/unet has {why} ({key}), which this package's UNet does not build")
-    if unet.get("time_cond_proj_dim") is not None and folder.family.startswith("xl"):
-        raise FolderError(f"{folder.path}/unet has a guidance embedding (time_cond_proj_dim), which this package "
-                          "takes for SD 1.x / 2.x latent consistency models only (LCM_Dreamshaper), not SDXL")
     if scheduler.get("beta_schedule", "scaled_linear") not in BETA_SCHEDULES:
         raise FolderError(f"{folder.path}/scheduler: beta_schedule {scheduler['beta_schedule']!r} is not supported "
                           f"(only {', '.join(BETA_SCHEDULES)})")

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ldm.checkpoint_layout import LOW_SCALE, LoadError, detect_family, normalise_text_layout, params_from_shapes
+from ldm.checkpoint_layout import (LOW_SCALE, UNET, LoadError, detect_family, normalise_text_layout,
+                                   params_from_shapes)
 from ldm.checkpoints import CheckpointError, PageReleaser, model_hash, read_checkpoint, read_layout, read_shapes
 from ldm.diffusers_folder import (FolderError, folder_hash, folder_overrides, folder_state_dict, is_diffusers_folder,
                                   read_folder)
-from ldm.weight_parts import UNET_PART, VAE_PART, PartError, merge_part
+from ldm.weight_parts import UNET_PART, VAE_PART, PartError, merge_part, part_weights
 from ldm.util import check_numbers, find_interpolation, instantiate_from_config, to_plain
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "stable-diffusion"
@@ -117,9 +118,16 @@ def looks_like_v_prediction(ckpt_path: str | os.PathLike) -> bool:
 
 
 def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = None,
-                   v_prediction: bool | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Path:
+                   v_prediction: bool | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                   unet: str | os.PathLike | None = None) -> Path:
     """The config to use: the given one, else `<checkpoint name>.yaml` beside the file, else the released config that
-    fits the checkpoint's keys (for SDXL-layout files, one read from the keys when none fits: see `sdxl_config`)."""
+    fits the checkpoint's keys (for SDXL-layout files, one read from the keys when none fits: see `sdxl_config`).
+    `unet`: a --unet file, whose keys replace the checkpoint's UNet ones (when `shapes` are not given)."""
+    if shapes is None and unet is not None and config is None:
+        try:
+            shapes = _shapes_with_unet(read_weights(ckpt, shapes_only=True), unet)
+        except CheckpointError as error:
+            raise LoadError(str(error)) from None
     if config is not None:
         path = config if isinstance(config, Path) else Path(config)
         if not path.is_file():
@@ -142,6 +150,9 @@ def resolve_config(ckpt: str | os.PathLike, config: str | os.PathLike | None = N
     path = CONFIG_DIR / CONFIGS[family]
     if not path.is_file():
         raise LoadError(f"the released config {path} is missing: pass --config")
+    guidance = shapes.get(UNET + "time_cond_proj.weight")
+    if guidance is not None:  # an SD 1.x / 2.x latent consistency model with a guidance embedding
+        return derived_config(path, {"model.params.unet_config.params.time_cond_proj_dim": guidance[1]})
     return path
 
 
@@ -433,8 +444,7 @@ def _prepare(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None
     if isinstance(config, Mapping) or hasattr(config, "keys"):
         config_name, model_config = "the given config", config["model"]
     else:
-        config_path = resolve_config(ckpt, config, v_prediction,
-                                     shapes={key: tuple(value.shape) for key, value in state_dict.items()})
+        config_path = resolve_config(ckpt, config, v_prediction, shapes=_shapes_with_unet(state_dict, unet))
         config_name, model_config = f"config {config_path.name}", load_config(config_path, trust_config).model
     want_ema = bool(model_config.get("params", {}).get("use_ema", False)) if use_ema is None else use_ema
     state_dict = select_ema(state_dict, want_ema)
@@ -445,6 +455,21 @@ def _prepare(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None
     except PartError as error:
         raise LoadError(str(error)) from None
     return model_config, config_name, state_dict
+
+
+def _shapes_with_unet(state_dict: Mapping[str, torch.Tensor], unet: str | os.PathLike | None
+                      ) -> dict[str, tuple[int, ...]]:
+    """The shapes a config is chosen by: the checkpoint's, its UNet's replaced by the --unet file's (which decides
+    the UNet's structure, an LCM's guidance embedding included)."""
+    shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
+    if unet is None:
+        return shapes
+    try:
+        replacement = part_weights(unet, UNET_PART, shapes_only=True)
+    except PartError as error:
+        raise LoadError(str(error)) from None
+    kept = {key: shape for key, shape in shapes.items() if not key.startswith(UNET_PART.prefix)}
+    return {**kept, **{key: tuple(value.shape) for key, value in replacement.items()}}
 
 
 def _build(model_config: Any, config_name: str, trusted: bool = False) -> nn.Module:

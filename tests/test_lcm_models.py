@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoint_factory import TEST_CONFIGS
-from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+from checkpoint_factory import TEST_CONFIGS, write_checkpoint
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from omegaconf import OmegaConf
 from PIL import Image
 from reference_sd import PROMPT, diffusers_pipeline
+from reference_sdxl import diffusers_parts
 
 from ldm.loading import load_model
 from ldm.models.diffusion.noise import ImageNoise
@@ -112,3 +114,54 @@ def test_script_applies_the_lcm_preset_with_its_guidance(lcm_folder, tmp_path, c
     text = Image.open(next((tmp_path / "samples").glob("*.png"))).text["parameters"]
     assert "Steps: 4, Sampler: LCM, CFG scale: 8," in text and "Schedule type: LCM" in text
     assert np.asarray(Image.open(next((tmp_path / "samples").glob("*.png")))).std() > 1
+
+
+@pytest.fixture(scope="module")
+def xl_lcm(tiny_xl_checkpoints, tmp_path_factory, hf_vocabulary) -> dict[str, Path]:
+    """An SDXL latent consistency model with a guidance embedding (as latent-consistency/lcm-sdxl): a whole folder,
+    and its UNet alone in diffusers' names for --unet on the tiny SDXL base."""
+    root = tmp_path_factory.mktemp("lcm-sdxl")
+    parts = diffusers_parts(tiny_xl_checkpoints["xl"], "xl", hf_vocabulary)
+    base = parts["unet"]
+    unet = UNet2DConditionModel(**{**base.config, "time_cond_proj_dim": WIDTH})
+    assert unet.load_state_dict(base.state_dict(), strict=False).missing_keys == ["time_embedding.cond_proj.weight"]
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.copy_(
+            torch.randn(unet.time_embedding.cond_proj.weight.shape, generator=torch.Generator().manual_seed(9)) * 0.3)
+    pipe = StableDiffusionXLPipeline(**{**parts, "unet": unet.eval()}, scheduler=LCMScheduler(**SCHEDULE))
+    pipe.save_pretrained(root / "lcm-sdxl-tiny")
+    unet_file = write_checkpoint({key: value.contiguous() for key, value in unet.state_dict().items()},
+                                 root / "lcm-sdxl_unet.safetensors")
+    return {"folder": root / "lcm-sdxl-tiny", "unet": unet_file}
+
+
+@torch.no_grad()
+def test_sdxl_lcm_with_guidance_embedding_matches_diffusers(xl_lcm, tiny_xl_checkpoints, tmp_path):
+    """lcm-sdxl's way: diffusers' SDXL pipeline embeds guidance_scale - 1 for such a UNet and skips classifier-free
+    guidance; ours from the folder, and from the base checkpoint with --unet (its own config saying so), give its
+    latents."""
+    request = Request(PROMPT, seeds=[3, 4], steps=4, sampler="lcm", scheduler="LCM", scale=8.0, height=64, width=64)
+    from_folder = Pipeline.from_checkpoint(str(xl_lcm["folder"]), hash_files=False)
+    config = OmegaConf.load(str(TEST_CONFIGS / "tiny-xl.yaml"))
+    config.model.params.network_config.params.time_cond_proj_dim = WIDTH
+    OmegaConf.save(config, tmp_path / "tiny-xl-lcm.yaml")
+    with_unet = Pipeline.from_checkpoint(str(tiny_xl_checkpoints["xl"]), str(tmp_path / "tiny-xl-lcm.yaml"),
+                                         hash_files=False, unet=str(xl_lcm["unet"]))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(xl_lcm["folder"]))
+    pipe.set_progress_bar_config(disable=True)
+    noise = ImageNoise([3, 4])
+    sigma_max = float(from_folder.schedule.sigma_max)
+    x_T = noise.randn((2, 4, 8, 8)) * sigma_max / (sigma_max**2 + 1) ** 0.5
+    expected = pipe(PROMPT, height=64, width=64, num_inference_steps=4, guidance_scale=8.0, num_images_per_prompt=2,
+                    latents=x_T, generator=noise.generators, output_type="latent").images
+    assert expected.abs().max() > 0.1
+    for pipeline in (from_folder, with_unet):
+        assert relative_error(pipeline(request).latents, expected) < 1e-4
+
+
+def test_a_unet_file_with_a_guidance_embedding_decides_the_derived_config(xl_lcm, tiny_xl_checkpoints):
+    """Without --config, the config read from the keys takes the --unet file's (its guidance embedding included)."""
+    model = load_model(tiny_xl_checkpoints["xl"], unet=xl_lcm["unet"])
+    unet = model.model.diffusion_model
+    assert unet.time_cond_proj is not None and unet.time_cond_proj.in_features == WIDTH
+    assert load_model(tiny_xl_checkpoints["xl"]).model.diffusion_model.time_cond_proj is None

@@ -32,7 +32,7 @@ from ldm.pipeline.addons.refiner import DEFAULT_SWITCH
 from ldm.pipeline.extra_networks import lora_present, lora_tags
 from ldm.pipeline.errors import GenerationError, UsageError
 from ldm.pipeline.metadata import check_made_by, named_hashes
-from ldm.pipeline.model_info import check_latent_flags
+from ldm.pipeline.model_info import check_latent_flags, takes_guidance_embedding
 from ldm.pipeline.presets import few_step_preset
 from ldm.pipeline.request import check_scheduler
 
@@ -97,13 +97,13 @@ class Shell:
         if opt.metadata_from:
             return
         tags = [tag.name for job in jobs for tag in lora_tags(job.prompt)]
-        scheduler, embedded = None, False
+        scheduler = None
         if is_diffusers_folder(opt.ckpt):
             try:
-                folder = read_folder(opt.ckpt)
-                scheduler, embedded = folder.scheduler, folder.configs["unet"].get("time_cond_proj_dim") is not None
+                scheduler = read_folder(opt.ckpt).scheduler
             except FolderError:  # reported when the folder loads
                 pass
+        embedded = takes_guidance_embedding(opt.ckpt, opt.unet)
         # a UNet file (SDXL-Lightning's, Hyper-SD's) is what makes the model few-step, as a LoRA does
         files = ([opt.unet] if opt.unet else []) + [path for path, _ in lora_specs(opt.lora)] + tags
         preset = few_step_preset(opt.ckpt, files, scheduler, guidance_embedded=embedded)

@@ -5,13 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+from ldm.checkpoints import CheckpointError
 from ldm.diffusers_folder import FolderError, is_diffusers_folder, read_folder
+from ldm.loading import LoadError, checkpoint_shapes
+from ldm.weight_parts import UNET_PART, PartError, part_weights
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.pipeline.errors import UsageError
 from ldm.pipeline.request import Request, nearest_multiples
 
 SD_DEFAULTS = {"f": 8, "C": 4, "H": 512, "W": 512}  # the CompVis flag defaults, which every SD config agrees with
 SDXL_SIZE = 1024  # SDXL (generative-models) configs give no image_size; base and refiner were trained at 1024
+GUIDANCE_EMBEDDING_KEY = "model.diffusion_model.time_cond_proj.weight"
 SDXL_TURBO_SIZE = 512  # SDXL Turbo shares the base config but was trained at 512; its files say "turbo" in the name
 
 
@@ -33,6 +37,17 @@ def model_defaults(config: Any | None, ckpt: str | None = None) -> dict[str, int
         return {"f": f, "C": channels, "H": size, "W": size}
     except (AttributeError, KeyError, TypeError, ValueError, FolderError):  # another kind of config: CompVis defaults
         return values
+
+
+def takes_guidance_embedding(ckpt: str, unet: str | None = None) -> bool:
+    """Whether the model's UNet (the `unet` file's when given) takes the guidance scale as an input (a latent
+    consistency model such as LCM_Dreamshaper_v7 or lcm-sdxl), read from the files' layout; False when unreadable
+    (the loader reports that in its turn)."""
+    try:
+        keys = part_weights(unet, UNET_PART, shapes_only=True) if unet else checkpoint_shapes(ckpt)
+    except (LoadError, PartError, CheckpointError, OSError):
+        return False
+    return GUIDANCE_EMBEDDING_KEY in keys
 
 
 def model_geometry(config: Any) -> tuple[int, int, int]:

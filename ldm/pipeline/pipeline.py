@@ -173,7 +173,7 @@ class Pipeline:
             raise UsageError(str(error)) from None
         if precision_note and precision is not None:
             note(precision_note)
-        config_path = resolve_config(ckpt, config, options.v_prediction)
+        config_path = resolve_config(ckpt, config, options.v_prediction, unet=options.unet)
         setup = Setup(str(ckpt), config_path, load_config(config_path, options.trust_config), chosen, dtype, options,
                       list(addons), note, info)
         sampling = _sampling_addon(setup.addons)

@@ -47,12 +47,16 @@ def embedded_guidance_width(model: Any) -> int | None:
 
 
 def with_embedded_guidance(cond: Any, scale: float, width: int) -> dict[str, Any]:
-    """`cond` (the prompts' [B, T, C] text conditioning) with the guidance embedding of `scale` for such a UNet: w =
-    scale - 1 embedded as its `timestep_cond` (diffusers' LatentConsistencyModelPipeline: guidance_scale - 1), and
-    no unconditional pass. The CompVis dict a `LatentDiffusion.apply_model` routes to the UNet."""
-    batch = conditioning_batch_size(cond)
-    w = torch.full((batch,), scale - 1.0, device=cond.device)
-    return {"c_crossattn": [cond], "c_timestep": guidance_scale_embedding(w, width).to(cond.dtype)}
+    """`cond` (the prompts' conditioning: SD's [B, T, C] text tensor, or SDXL's dict) with the guidance embedding of
+    `scale` for such a UNet: w = scale - 1 embedded as its `timestep_cond` (diffusers' LatentConsistencyModel and
+    SDXL pipelines: guidance_scale - 1), and no unconditional pass. For SD the CompVis dict
+    `LatentDiffusion.apply_model` routes to the UNet, for SDXL sgm's dict with a "timestep_cond" entry."""
+    text = cond["crossattn"] if isinstance(cond, dict) else cond
+    w = torch.full((conditioning_batch_size(cond),), scale - 1.0, device=text.device)
+    embedding = guidance_scale_embedding(w, width).to(text.dtype)
+    if isinstance(cond, dict):
+        return {**cond, "timestep_cond": embedding}
+    return {"c_crossattn": [cond], "c_timestep": embedding}
 
 
 def guided_model_output(model: Any, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,

@@ -22,10 +22,13 @@ class IdentityWrapper(nn.Module):
 
 class OpenAIWrapper(IdentityWrapper):
     """Routes sgm's conditioning dict to the UNet: "concat" joins the input channels, "crossattn" is the
-    cross-attention context, "vector" the class/size embedding input `y`."""
+    cross-attention context, "vector" the class/size embedding input `y`, "timestep_cond" a latent consistency
+    model's guidance embedding (for UNets that take one)."""
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: Mapping[str, torch.Tensor],
                 **kwargs: Any) -> torch.Tensor:
         if c.get("concat") is not None:
             x = torch.cat((x, c["concat"]), dim=1)
+        if c.get("timestep_cond") is not None:
+            kwargs = {**kwargs, "timestep_cond": c["timestep_cond"]}
         return self.diffusion_model(x, timesteps=t, context=c.get("crossattn"), y=c.get("vector"), **kwargs)
