@@ -212,9 +212,9 @@ def test_folder_mistakes_are_refused_in_one_line(folders, tmp_path, capsys):
     data["weight_map"] = {key: "../../outside.safetensors" for key in data["weight_map"]}
     index.write_text(json.dumps(data))
     cases["escaping"] = (escaping, "outside its folder")
-    lcm = _copy(folders["xl"], tmp_path / "lcm")  # SD 1.x / 2.x LCMs with one load (tests/test_lcm_models.py)
-    _edit_json(lcm / "unet" / "config.json", time_cond_proj_dim=256)
-    cases["lcm"] = (lcm, "latent consistency models only")
+    projection = _copy(folders["xl"], tmp_path / "projection")  # a UNet kind this package does not build
+    _edit_json(projection / "unet" / "config.json", class_embed_type="projection")
+    cases["projection"] = (projection, "has a class embedding")
     zero_snr = _copy(folders["v1"], tmp_path / "zero-snr")
     _edit_json(zero_snr / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True)
     cases["zero-snr"] = (zero_snr, "rescale_betas_zero_snr")
