@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -195,8 +196,12 @@ def read_component(file: Path, shapes_only: bool) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _text_layers(config: Mapping[str, Any]) -> int:
-    return int(config["num_hidden_layers"])
+TEXT_LAYER = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.")
+
+
+def _text_layers(weights: Mapping[str, Any]) -> int:
+    """How many encoder layers a Hugging Face CLIP text model's weights hold (what is converted is what is there)."""
+    return len({match.group(1) for match in map(TEXT_LAYER.match, weights) if match})
 
 
 @_config_errors
@@ -205,13 +210,13 @@ def folder_state_dict(folder: DiffusersFolder, shapes_only: bool = False) -> dic
     family, configs = folder.text_family, folder.configs
     weights = {name: read_component(folder.weights_file(name), shapes_only) for name in configs}
     try:
-        state_dict = prefixed(unet_state_dict(weights["unet"], UNetLayout.from_config(configs["unet"])),
+        state_dict = prefixed(unet_state_dict(weights["unet"], UNetLayout.from_names(weights["unet"])),
                               "model.diffusion_model.")
         state_dict.update(prefixed(vae_state_dict(weights["vae"]), "first_stage_model."))
         if family == "v1":
             state_dict.update(prefixed(hf_text_state_dict(weights["text_encoder"]), "cond_stage_model.transformer."))
         elif family == "v2":
-            tower = open_clip_state_dict(weights["text_encoder"], _text_layers(configs["text_encoder"]))
+            tower = open_clip_state_dict(weights["text_encoder"], _text_layers(weights["text_encoder"]))
             width = tower["ln_final.weight"].shape[0]
             tower["text_projection"] = torch.empty(width, 0, device=tower["ln_final.weight"].device)  # unused by SD 2
             state_dict.update(prefixed(tower, "cond_stage_model.model."))
@@ -221,7 +226,7 @@ def folder_state_dict(folder: DiffusersFolder, shapes_only: bool = False) -> dic
                 state_dict.update(prefixed(hf_text_state_dict(weights["text_encoder"]),
                                            "conditioner.embedders.0.transformer."))
             state_dict.update(prefixed(open_clip_state_dict(weights["text_encoder_2"],
-                                                            _text_layers(configs["text_encoder_2"])), big_g))
+                                                            _text_layers(weights["text_encoder_2"])), big_g))
     except KeyError as error:
         raise FolderError(f"{folder.path}: {error.args[0] if error.args else error} (not a weight of a model this "
                           "package builds)") from None
