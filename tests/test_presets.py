@@ -149,3 +149,13 @@ def test_a_diffusers_folder_tells_by_its_scheduler(tiny_checkpoint, tmp_path, ru
     assert ("a model sampled on trailing timesteps (scheduler EulerAncestralDiscreteScheduler): euler_a, Trailing: "
             "applied its authors' settings --sampler euler_a --scheduler Trailing") in err
     assert "Sampler: Euler a," in infotext and "Schedule type: Trailing" in infotext
+
+
+@pytest.mark.parametrize("kind, sampler", [("DDIMScheduler", "ddim"), ("EulerDiscreteScheduler", "euler"),
+                                           ("EulerAncestralDiscreteScheduler", "euler_a")])
+def test_a_folder_scheduler_on_trailing_timesteps_keeps_its_sampler(kind, sampler):
+    from ldm.pipeline.presets import scheduler_preset
+
+    preset = scheduler_preset({"_class_name": kind, "timestep_spacing": "trailing"})
+    assert (preset.sampler, preset.scheduler) == (sampler, "Trailing")
+    assert scheduler_preset({"_class_name": kind, "timestep_spacing": "leading"}) is None

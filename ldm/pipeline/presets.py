@@ -118,7 +118,7 @@ NAME_PATTERNS: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], Prese
 
 # diffusers scheduler classes -> our samplers, for a folder's scheduler config
 SCHEDULER_CLASSES = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
-                     "DDIMScheduler": "euler", "LCMScheduler": "lcm", "TCDScheduler": "lcm"}
+                     "DDIMScheduler": "ddim", "LCMScheduler": "lcm", "TCDScheduler": "lcm"}
 
 
 def few_step_preset(ckpt: str | os.PathLike | None, loras: Sequence[str | os.PathLike] = (),
