@@ -70,7 +70,7 @@ def _v2_pipeline(checkpoint: Path, folder: Path, scheduler) -> StableDiffusionPi
 
 @pytest.fixture(scope="module")
 def folders(tiny_checkpoints, tmp_path_factory, hf_vocabulary) -> dict[str, Path]:
-    """{"v1", "v1-bin", "v1-sharded", "v1-fp16", "v2-v", "xl", "ssd1b"}: diffusers folders."""
+    """{"v1", "v1-bin", "v1-sharded", "v1-fp16", "v2-v", "xl", "ssd1b", "vega"}: diffusers folders."""
     root = tmp_path_factory.mktemp("diffusers-folders")
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(hf_vocabulary / name, root / name)
@@ -86,7 +86,7 @@ def folders(tiny_checkpoints, tmp_path_factory, hf_vocabulary) -> dict[str, Path
                       DDIMScheduler(prediction_type="v_prediction", **DDIM))
     v2.save_pretrained(root / "v2-v")
     made["v2-v"] = root / "v2-v"
-    for family in ("xl", "ssd1b"):
+    for family in ("xl", "ssd1b", "vega"):
         checkpoint = make_tiny_xl_checkpoint(root / f"{family}.safetensors", family, seed=4)
         parts = diffusers_parts(checkpoint, family, hf_vocabulary)
         StableDiffusionXLPipeline(**parts, scheduler=DDIMScheduler(**DDIM)).save_pretrained(
@@ -120,8 +120,8 @@ def test_sd1_folders_read_back_every_weight(folders, tiny_checkpoints, name):
     assert model.parameterization == "eps" and model.scale_factor == reference.scale_factor
 
 
-def test_xl_and_ssd1b_folders_read_back_every_weight(folders):
-    for family in ("xl", "ssd1b"):
+def test_xl_ssd1b_and_vega_folders_read_back_every_weight(folders):
+    for family in ("xl", "ssd1b", "vega"):
         model = load_model(folders[family])
         reference = load_model(folders[family + "-checkpoint"], TEST_CONFIGS / f"tiny-{family}.yaml")
         assert model.state_dict().keys() == reference.state_dict().keys()
@@ -144,13 +144,13 @@ def test_v2_folder_takes_v_prediction_from_its_scheduler(folders, tiny_checkpoin
     assert load_model(folders["v2-v"], v_prediction=False).parameterization == "eps"  # a flag wins
 
 
-@pytest.mark.parametrize("name", ["v1", "v2-v", "xl", "ssd1b"])
+@pytest.mark.parametrize("name", ["v1", "v2-v", "xl", "ssd1b", "vega"])
 @torch.no_grad()
 def test_same_image_as_diffusers_pipeline_from_the_same_folder(folders, name):
     """The folder loaded by diffusers (`from_pretrained`, its own DDIM scheduler) and by us (DDIM, CompVis' uniform
     steps, which are diffusers' "leading" + steps_offset 1), the same starting noise: the same image."""
     folder = folders[name]
-    xl = name in ("xl", "ssd1b")
+    xl = name in ("xl", "ssd1b", "vega")
     pipeline_class = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     pipe = pipeline_class.from_pretrained(str(folder), **({} if xl else {"safety_checker": None}))
     pipe.set_progress_bar_config(disable=True)
