@@ -394,3 +394,22 @@ def test_sdxl_base_and_refiner_folders_make_the_single_files_image(tiny_xl_check
         assert status == 0, capsys.readouterr().err
         made[name] = np.array(Image.open(tmp_path / name / "samples" / "00000.png"))
     assert np.array_equal(made["folders"], made["files"]) and made["files"].std() > 1
+
+
+def test_img2img_on_a_folder_makes_the_files_image(folders, tiny_checkpoints, tmp_path, capsys):
+    """scripts/img2img.py takes a folder as --ckpt as txt2img does: the same image as from the file it was made from
+    (with the file's tiny config)."""
+    from ldm.cli.img2img import main as img2img
+
+    init = tmp_path / "init.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")).save(init)
+    flags = ["--init-img", str(init), "--prompt", PROMPT, "--strength", "0.6", "--ddim_steps", "4", "--n_samples",
+             "1", "--n_iter", "1", "--seed", "2", "--skip_grid", "--no_metadata"]
+    made = {}
+    for name, model_flags in {"folder": ["--ckpt", str(folders["v1"])],
+                              "file": ["--ckpt", str(tiny_checkpoints["v1", ".safetensors"]), "--config",
+                                       str(TEST_CONFIGS / "tiny-v1.yaml")]}.items():
+        status = img2img([*model_flags, *flags, "--outdir", str(tmp_path / name)])
+        assert status == 0, capsys.readouterr().err
+        made[name] = np.asarray(Image.open(tmp_path / name / "samples" / "00000.png"))
+    assert np.array_equal(made["folder"], made["file"]) and made["file"].std() > 1
