@@ -165,3 +165,12 @@ def test_a_unet_file_with_a_guidance_embedding_decides_the_derived_config(xl_lcm
     unet = model.model.diffusion_model
     assert unet.time_cond_proj is not None and unet.time_cond_proj.in_features == WIDTH
     assert load_model(tiny_xl_checkpoints["xl"]).model.diffusion_model.time_cond_proj is None
+
+
+def test_the_guidance_embedding_is_told_from_the_files_layout(xl_lcm, lcm_folder, tiny_xl_checkpoints, tmp_path):
+    from ldm.pipeline.model_info import takes_guidance_embedding
+
+    assert takes_guidance_embedding(str(lcm_folder)) and takes_guidance_embedding(str(xl_lcm["folder"]))
+    assert takes_guidance_embedding(str(tiny_xl_checkpoints["xl"]), str(xl_lcm["unet"]))
+    assert not takes_guidance_embedding(str(tiny_xl_checkpoints["xl"]))
+    assert not takes_guidance_embedding(str(tmp_path / "missing.safetensors"))  # the loader reports it later
