@@ -223,6 +223,14 @@ def read_object(path: str | os.PathLike) -> Any:
     return _torch_load(path, detect_format(path))
 
 
+def read_tensors(path: str | os.PathLike, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The file's tensors; with `shapes_only`, meta tensors of their shapes and dtypes (only its layout is read)."""
+    if shapes_only:
+        return {key: torch.empty(shape, dtype=dtype, device="meta")
+                for key, (shape, dtype) in read_layout(path).items()}
+    return read_checkpoint(path)[0]
+
+
 def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Key -> shape without reading tensor data (safetensors header; a memory-mapped .ckpt). Remembered per file
     version, since a run asks several times (config choice, fit checks) before it loads."""

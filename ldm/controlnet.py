@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from cldm.cldm import ControlNet, control_residuals
-from ldm.checkpoints import CheckpointError, model_hash, read_checkpoint, read_shapes
-from ldm.diffusers_folder import WEIGHT_STEMS, FolderError, read_component, weights_file
+from ldm.checkpoints import CheckpointError, model_hash
+from ldm.diffusers_folder import COMPONENT_STEM, FolderError, read_file_or_folder, weights_file
 from ldm.diffusers_names import controlnet_state_dict
 from ldm.loading import LoadError, assign_weights, check_keys, instantiate_on_meta, load_config
 
@@ -63,10 +63,8 @@ def read_controlnet(path: str | os.PathLike, shapes_only: bool = False) -> dict[
     """The tensors (or, with `shapes_only`, their shapes) of a ControlNet file or diffusers ControlNet folder
     (`config.json` and `diffusion_pytorch_model.*`, as lllyasviel/control_v11p_sd15_canny on the hub)."""
     try:
-        if os.path.isdir(path):
-            tensors = read_component(weights_file(Path(path), WEIGHT_STEMS["unet"]), shapes_only)
-            return {key: tuple(value.shape) for key, value in tensors.items()} if shapes_only else tensors
-        return read_shapes(path) if shapes_only else read_checkpoint(path)[0]
+        tensors = read_file_or_folder(path, "controlnet", shapes_only)
+        return {key: tuple(value.shape) for key, value in tensors.items()} if shapes_only else tensors
     except (CheckpointError, FolderError) as error:
         raise LoadError(str(error)) from None
 
@@ -75,7 +73,7 @@ def controlnet_hash(path: str | os.PathLike) -> str:
     """The 10-hex hash recorded for a ControlNet: of its file, or of a folder's weights file."""
     if os.path.isdir(path):
         try:
-            return model_hash(weights_file(Path(path), WEIGHT_STEMS["unet"]))
+            return model_hash(weights_file(Path(path), COMPONENT_STEM))
         except FolderError as error:
             raise LoadError(str(error)) from None
     return model_hash(path)

@@ -20,14 +20,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ldm.checkpoint_layout import INPAINTING_CHANNELS, UPSCALER_CHANNELS
-from ldm.checkpoints import CheckpointError, file_sha256, read_checkpoint, read_layout
+from ldm.checkpoints import CheckpointError, file_sha256, read_tensors
 from ldm.diffusers_names import (UNetLayout, hf_text_state_dict, open_clip_state_dict, prefixed, unet_state_dict,
                                  vae_state_dict)
 
 MODEL_INDEX = "model_index.json"
 JSON_LIMIT = 4 << 20  # the largest config or shard index accepted; released ones are a few KiB
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-                "text_encoder_2": "model"}
+COMPONENT_STEM = "diffusion_pytorch_model"  # diffusers' own models' weights (transformers' are `model.*`)
+WEIGHT_STEMS = {"unet": COMPONENT_STEM, "vae": COMPONENT_STEM, "text_encoder": "model", "text_encoder_2": "model"}
 # diffusers' schedule names -> CompVis' (`make_beta_schedule`): its "scaled_linear" is CompVis' "linear"
 BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear"}
 MAX_COUNT = 4096  # the most heads or layers a config may state; released models use at most 64
@@ -184,11 +184,7 @@ def read_component(file: Path, shapes_only: bool) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for part in files:
         try:
-            if shapes_only:
-                tensors.update({key: torch.empty(shape, dtype=dtype, device="meta")
-                                for key, (shape, dtype) in read_layout(part).items()})
-            else:
-                tensors.update(read_checkpoint(part)[0])
+            tensors.update(read_tensors(part, shapes_only))
         except FileNotFoundError:
             raise FolderError(f"{part} is missing: the diffusers folder is incomplete") from None
         except CheckpointError as error:
@@ -197,6 +193,15 @@ def read_component(file: Path, shapes_only: bool) -> dict[str, torch.Tensor]:
 
 
 TEXT_LAYER = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.")
+
+
+def read_file_or_folder(path: str | os.PathLike, component: str, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, of a diffusers component folder (`config.json` + `diffusion_pytorch_model.*`),
+    or of a whole model folder's `component` (its `vae/`, `unet/`, ...)."""
+    if os.path.isdir(path):
+        folder = Path(path) / component if is_diffusers_folder(path) else Path(path)
+        return read_component(weights_file(folder, COMPONENT_STEM), shapes_only)
+    return read_tensors(path, shapes_only)
 
 
 def _text_layers(weights: Mapping[str, Any]) -> int:

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from ldm.checkpoint_layout import (LOW_SCALE, UNET, LoadError, detect_family, normalise_text_layout,
                                    params_from_shapes)
-from ldm.checkpoints import CheckpointError, PageReleaser, model_hash, read_checkpoint, read_layout, read_shapes
+from ldm.checkpoints import CheckpointError, PageReleaser, model_hash, read_shapes, read_tensors
 from ldm.diffusers_folder import (FolderError, folder_hash, folder_overrides, folder_state_dict, is_diffusers_folder,
                                   read_folder)
 from ldm.weight_parts import UNET_PART, VAE_PART, PartError, merge_part, part_weights
@@ -301,10 +301,7 @@ def read_weights(path: str | os.PathLike, shapes_only: bool = False) -> dict[str
             return normalise_text_layout(folder_state_dict(read_folder(path), shapes_only))
         except FolderError as error:
             raise LoadError(str(error)) from None
-    if shapes_only:
-        return {key: torch.empty(shape, dtype=dtype, device="meta")
-                for key, (shape, dtype) in read_layout(path).items()}
-    return read_checkpoint(path)[0]
+    return read_tensors(path, shapes_only)
 
 
 def _examples(keys: list[str], limit: int = 3) -> str:

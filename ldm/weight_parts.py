@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 
-from ldm.checkpoints import CheckpointError, read_checkpoint, read_layout
-from ldm.diffusers_folder import WEIGHT_STEMS, FolderError, is_diffusers_folder, read_component, weights_file
+from ldm.checkpoints import CheckpointError
+from ldm.diffusers_folder import FolderError, read_file_or_folder
 from ldm.diffusers_names import UNetLayout, unet_state_dict, vae_state_dict
 
 Weights = dict[str, torch.Tensor]
@@ -51,20 +50,10 @@ UNET_PART = Part("--unet", "model.diffusion_model.", "unet", "down_blocks.", "ou
 TRAINING_ONLY = ("loss.", "model_ema.")  # an autoencoder's training loss, EMA shadows
 
 
-def _read(path: str | os.PathLike, part: Part, shapes_only: bool) -> Weights:
-    if os.path.isdir(path):
-        folder = Path(path) / part.component if is_diffusers_folder(path) else Path(path)
-        return read_component(weights_file(folder, WEIGHT_STEMS[part.component]), shapes_only)
-    if shapes_only:
-        return {key: torch.empty(shape, dtype=dtype, device="meta")
-                for key, (shape, dtype) in read_layout(path).items()}
-    return read_checkpoint(path)[0]
-
-
 def part_weights(path: str | os.PathLike, part: Part, shapes_only: bool = False) -> Weights:
     """The part's weights from `path`, under the released keys (with the part's prefix); PartError otherwise."""
     try:
-        weights = _read(path, part, shapes_only)
+        weights = read_file_or_folder(path, part.component, shapes_only)
     except (CheckpointError, FolderError) as error:
         raise PartError(f"{part.flag}: {error}") from None
     if any(key.startswith(part.diffusers_start) for key in weights):
